@@ -1,0 +1,30 @@
+# Two commands: `make test` runs the test suite, `make demo` runs the whole chain on real data.
+# Both create .venv on first use. LONGFLAX_DATA_DIR points at the data folder.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv test demo lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[all]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m ruff check longflax tests configs
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) -m longflax.demo --workdir $(DEMO_DIR)
+
+lint: venv
+	$(PY) -m ruff check longflax tests configs
+	$(PY) -m ruff format --check longflax tests configs
+
+clean:
+	rm -rf $(VENV)

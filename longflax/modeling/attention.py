@@ -1,0 +1,217 @@
+"""Attention kernels: full softmax attention and Longformer sliding-window plus global attention.
+
+Dimension letters used in einsum strings and shape notes:
+  B batch, T query length, S key length, N heads, H head dim, G global slots,
+  C blocks, Q query positions in a block, K key positions of a block's neighbourhood.
+
+Window convention: `window` below is the one-sided radius w. A token at position i attends to
+keys j with |i - j| <= w (2w + 1 keys with itself), which is the Hugging Face
+`attention_window` of 2w. Global tokens attend to every non-padding key with their own
+projections, and every token attends to every global token.
+
+The long path never builds a T x T score matrix. Queries are cut into blocks of `block_size`
+positions; each block scores the keys of itself and of `ceil(w / block_size)` neighbouring
+blocks on each side, and a static (Q, K) band mask keeps only |i - j| <= w. Global keys enter
+through a fixed number G of slots, so every shape is static under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from longflax.modeling.layers import dropout
+
+# Masked logits get this value instead of -inf: a row whose keys are all masked then gets a
+# uniform (finite) distribution instead of NaN, and padding rows are zeroed afterwards.
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def _softmax_fp32(logits: Array) -> Array:
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def full_attention(
+    query: Float[Array, "B T N H"],
+    key: Float[Array, "B S N H"],
+    value: Float[Array, "B S N H"],
+    key_mask: Bool[Array, "B S"],
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> Float[Array, "B T N H"]:
+    """Softmax attention over all unmasked keys; `query` is already scaled by 1/sqrt(H)."""
+    logits = jnp.einsum("BTNH,BSNH->BNTS", query, key, preferred_element_type=jnp.float32)
+    logits = jnp.where(key_mask[:, None, None, :], logits, MASK_VALUE)
+    probs = dropout(_softmax_fp32(logits), dropout_rate, dropout_rng)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(value.dtype), value)
+
+
+def _neighbour_blocks(x: Array, num_neighbours: int) -> Array:
+    """Gather each block's neighbourhood: (B, C, Q, ...) -> (B, C, (2m + 1) * Q, ...).
+
+    Blocks outside the sequence are zeros; the caller masks them out.
+    """
+    num_blocks = x.shape[1]
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (num_neighbours, num_neighbours)
+    padded = jnp.pad(x, pad)
+    shifted = [
+        jax.lax.slice_in_dim(padded, offset, offset + num_blocks, axis=1)
+        for offset in range(2 * num_neighbours + 1)
+    ]
+    return jnp.concatenate(shifted, axis=2)
+
+
+def band_mask(block_size: int, num_neighbours: int, radius: int) -> Bool[Array, "Q K"]:
+    """Static mask of one block: query q sees neighbourhood key k when |i - j| <= radius."""
+    query_pos = jnp.arange(block_size)[:, None]
+    key_pos = jnp.arange((2 * num_neighbours + 1) * block_size)[None, :] - num_neighbours * block_size
+    return jnp.abs(key_pos - query_pos) <= radius
+
+
+def choose_block_size(length: int, radius: int) -> int:
+    """Pick the block size for a one-sided radius: the radius itself when it divides `length`.
+
+    With block size equal to the radius each block scores 3 blocks of keys, 1.5 times the
+    2w + 1 keys that are needed. Lengths that the radius does not divide fall back to the
+    largest divisor of `length` that is not larger than the radius.
+    """
+    if radius >= length:
+        return length
+    for size in range(radius, 0, -1):
+        if length % size == 0:
+            return size
+    return 1
+
+
+def global_slots(
+    global_mask: Bool[Array, "B T"], num_slots: int
+) -> tuple[Int[Array, "B G"], Bool[Array, "B G"]]:
+    """Compact the global positions of each row into `num_slots` static slots.
+
+    Returns the positions (globals first, in order; unused slots point at distinct non-global
+    positions) and which slots hold a global token. Rows with more than `num_slots` global
+    tokens keep only the first ones: callers check the count on the host beforehand.
+    """
+    order = jnp.argsort(~global_mask, axis=-1, stable=True)[:, :num_slots]
+    count = jnp.sum(global_mask, axis=-1, keepdims=True)
+    valid = jnp.arange(order.shape[1])[None, :] < count
+    return order.astype(jnp.int32), valid
+
+
+def _take_rows(x: Array, indices: Int[Array, "B G"]) -> Array:
+    return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def sliding_window_attention(
+    query: Float[Array, "B T N H"],
+    key: Float[Array, "B T N H"],
+    value: Float[Array, "B T N H"],
+    attention_mask: Bool[Array, "B T"],
+    *,
+    radius: int,
+    global_index: Int[Array, "B G"] | None = None,
+    global_valid: Bool[Array, "B G"] | None = None,
+    block_size: int | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> Float[Array, "B T N H"]:
+    """Longformer local attention of every row: band keys plus global keys, one joint softmax.
+
+    Args:
+      query: projected queries, already scaled by 1/sqrt(H).
+      key: projected keys (the local projection).
+      value: projected values (the local projection).
+      attention_mask: True at real tokens, False at padding.
+      radius: one-sided window w; keys with |i - j| <= w are in the band.
+      global_index: positions of the global tokens in each row (see `global_slots`), or None
+        when no row has a global token.
+      global_valid: which slots of `global_index` are real global tokens.
+      block_size: query block length; must divide T. Defaults to `choose_block_size`.
+      dropout_rate: dropout on the attention probabilities.
+      dropout_rng: key for that dropout; None means no dropout.
+
+    Returns:
+      The attention output; rows of padding tokens are zero. Rows of global tokens hold the
+      local result and are overwritten by `global_attention`.
+    """
+    batch, length, num_heads, head_dim = query.shape
+    size = block_size or choose_block_size(length, radius)
+    if length % size:
+        raise ValueError(f"block_size={size} does not divide the sequence length {length}.")
+    num_blocks = length // size
+    neighbours = min(math.ceil(radius / size), num_blocks - 1)
+
+    # Band keys exclude padding and global tokens: global keys enter once, through the slots.
+    key_ok = attention_mask
+    if global_index is not None:
+        is_global = jnp.zeros_like(attention_mask)
+        is_global = jax.vmap(lambda row, idx, ok: row.at[idx].max(ok))(
+            is_global, global_index, global_valid
+        )
+        key_ok = attention_mask & ~is_global
+
+    # (B, T, N, H) -> (B, C, Q, N, H); keys and values -> (B, C, K, N, H).
+    q = query.reshape(batch, num_blocks, size, num_heads, head_dim)
+    k = _neighbour_blocks(key.reshape(q.shape), neighbours)
+    v = _neighbour_blocks(value.reshape(q.shape), neighbours)
+    k_ok = _neighbour_blocks(key_ok.reshape(batch, num_blocks, size), neighbours)
+    # A key index is in range when its neighbour block exists; zero-padded blocks have
+    # key_ok False already because jnp.pad fills booleans with False.
+    band = band_mask(size, neighbours, radius)
+
+    logits = jnp.einsum("BCQNH,BCKNH->BCNQK", q, k, preferred_element_type=jnp.float32)
+    mask = band[None, None, None] & k_ok[:, :, None, None, :]
+    logits = jnp.where(mask, logits, MASK_VALUE)
+
+    if global_index is not None:
+        k_global = _take_rows(key, global_index)  # (B, G, N, H)
+        v_global = _take_rows(value, global_index)
+        global_logits = jnp.einsum(
+            "BCQNH,BGNH->BCNQG", q, k_global, preferred_element_type=jnp.float32
+        )
+        global_logits = jnp.where(global_valid[:, None, None, None, :], global_logits, MASK_VALUE)
+        logits = jnp.concatenate([global_logits, logits], axis=-1)
+
+    probs = dropout(_softmax_fp32(logits), dropout_rate, dropout_rng).astype(value.dtype)
+
+    if global_index is not None:
+        num_global = global_index.shape[1]
+        out = jnp.einsum("BCNQG,BGNH->BCQNH", probs[..., :num_global], v_global)
+        out = out + jnp.einsum("BCNQK,BCKNH->BCQNH", probs[..., num_global:], v)
+    else:
+        out = jnp.einsum("BCNQK,BCKNH->BCQNH", probs, v)
+    out = out.reshape(batch, length, num_heads, head_dim)
+    return jnp.where(attention_mask[:, :, None, None], out, 0.0).astype(value.dtype)
+
+
+def global_attention(
+    global_query: Float[Array, "B G N H"],
+    key: Float[Array, "B T N H"],
+    value: Float[Array, "B T N H"],
+    attention_mask: Bool[Array, "B T"],
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> Float[Array, "B G N H"]:
+    """Attention of the global slots over every non-padding key (global projections)."""
+    logits = jnp.einsum("BGNH,BTNH->BNGT", global_query, key, preferred_element_type=jnp.float32)
+    logits = jnp.where(attention_mask[:, None, None, :], logits, MASK_VALUE)
+    probs = dropout(_softmax_fp32(logits), dropout_rate, dropout_rng)
+    return jnp.einsum("BNGT,BTNH->BGNH", probs.astype(value.dtype), value)
+
+
+def scatter_global_rows(
+    out: Float[Array, "B T N H"],
+    global_out: Float[Array, "B G N H"],
+    global_index: Int[Array, "B G"],
+    global_valid: Bool[Array, "B G"],
+) -> Float[Array, "B T N H"]:
+    """Overwrite the rows of global tokens with their global-attention output."""
+    current = _take_rows(out, global_index)
+    update = jnp.where(global_valid[:, :, None, None], global_out.astype(out.dtype), current)
+    return jax.vmap(lambda row, idx, new: row.at[idx].set(new))(out, global_index, update)
