@@ -1,0 +1,86 @@
+"""Run the stages of an experiment: convert -> mlm -> qa -> evaluate -> export.
+
+    python -m longflax.train --config configs/<name>.py --workdir DIR [--config.key=value ...]
+
+`--config.key=value` overrides a field of the config; a misspelt key is an error. Running the
+same command again resumes: finished stages are skipped and an unfinished training stage
+continues from its latest checkpoint (see `longflax.stages` for the full resume order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from longflax.configuration import validate_config
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; every stage writes under DIR/<stage>/.")
+
+
+def run(config, workdir: str | os.PathLike) -> dict:
+    """Run every stage of `config.stages` in `workdir`, skipping finished ones; return the summaries."""
+    import jax
+
+    from longflax import sharding, stages
+
+    validate_config(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    context = stages.RunContext(config, workdir, mesh)
+    logging.info(
+        "Run in %s on %d %s device(s), mesh %s; stages %s.",
+        workdir, jax.device_count(), jax.devices()[0].platform, dict(mesh.shape), list(config.stages),
+    )
+    summaries = {}
+    for stage in config.stages:
+        if context.is_done(stage):
+            logging.info("Stage %s is already done in %s; skipping it.", stage, workdir / stage)
+            print(f"[{stage}] already done, skipping", flush=True)
+            summaries[stage] = json.loads((workdir / stage / "done.json").read_text())
+            continue
+        print(f"[{stage}] starting", flush=True)
+        started = time.perf_counter()
+        summary = stages.RUNNERS[stage](context)
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        context.mark_done(stage, summary)
+        summaries[stage] = summary
+        print(f"[{stage}] done in {summary['seconds']:.0f} s", flush=True)
+    return summaries
+
+
+class _QuietLibraries:
+    """Drop INFO records that Orbax writes for every save and restore; warnings still pass."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required.")
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except ValueError as error:
+        logging.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def entry_point() -> None:
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()
