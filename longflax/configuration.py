@@ -98,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
         max_length=512,
         doc_stride=128,
         max_question_tokens=64,
+        # k > 1 turns each training example into k concatenated contexts (see data.concat).
+        concat=ml_collections.ConfigDict({"k": 1, "mode": "shuffled", "separator": "\n\n", "gold_position": "random", "seed": 0}),
         epochs=3.0,
         steps=0,  # 0: derived from epochs.
     )
@@ -111,9 +113,11 @@ def base_config() -> ml_collections.ConfigDict:
             "n_best_size": 20,
             "max_answer_length": 30,
             "decode_rule": "context_span",
+            # A QA model to evaluate; empty means the qa stage's model of this run.
+            "init_from": "",
         }
     )
-    config.export = ml_collections.ConfigDict({"head": ""})
+    config.export = ml_collections.ConfigDict({"head": "", "init_from": ""})
     return config
 
 

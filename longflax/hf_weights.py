@@ -353,7 +353,7 @@ def assign_params(model, mapped: Mapping[str, np.ndarray], *, allow_missing: tup
     for path, var in state.flat_state():
         name = "/".join(str(p) for p in path)
         if name in mapped:
-            var[...] = jnp.asarray(mapped[name], var[...].dtype)
+            var.set_value(jnp.asarray(mapped[name], var.get_value().dtype))
     nnx.update(model, state)
     return missing
 

@@ -50,8 +50,14 @@ def model_from_arrays(
     config: ModelConfig, mapped: dict[str, np.ndarray], *, head: str, source_head: str, seed: int = 0
 ) -> nnx.Module:
     """Build a model and fill it; a head the source lacks is randomly initialised (logged)."""
-    model = build_model(config, head, seed=seed)
     mapped = _reheaded_params(mapped, source_head, head)
+    abstract = nnx.eval_shape(lambda: build_model(config, head, seed=seed))
+    if set(hf_weights.flat_params(abstract)) <= set(mapped):
+        # Every parameter comes from the checkpoint: skip the random initialisation, which
+        # for a 250k-token vocabulary costs seconds and a second copy of the embeddings.
+        model = abstract
+    else:
+        model = build_model(config, head, seed=seed)
     missing = hf_weights.assign_params(model, mapped, allow_missing=HEAD_PREFIXES[head])
     if missing:
         logging.warning(

@@ -499,9 +499,30 @@ def _check_global_budget(model_config: ModelConfig, arrays: Mapping[str, np.ndar
             )
 
 
+def load_examples(path: str, *, on_invalid: str, limit: int = 0, concat: Mapping[str, Any] | None = None):
+    """Load a SQuAD-format set, optionally turned into k-context examples.
+
+    `concat` holds `k`, `mode` ("original" or "shuffled") and, for "shuffled", `separator`,
+    `gold_position` and `seed`. The limit applies after concatenation.
+    """
+    from longflax.data.squad import load_squad
+
+    examples = load_squad(resolve_path(path), on_invalid=on_invalid)
+    if concat and concat.get("k", 1) > 1:
+        from longflax.data.concat import build_concatenated
+
+        mode = concat.get("mode", "shuffled")
+        options = {} if mode == "original" else {
+            "separator": concat.get("separator", "\n\n"),
+            "gold_position": concat.get("gold_position", "random"),
+            "seed": concat.get("seed", 0),
+        }
+        examples = build_concatenated(examples, k=concat["k"], mode=mode, **options)
+    return examples[:limit] if limit else examples
+
+
 def run_qa(context: RunContext) -> dict[str, Any]:
     from longflax.data.qa_features import prepare_qa_features
-    from longflax.data.squad import load_squad
 
     c = context.config.qa
     stage_dir = context.stage_dir("qa")
@@ -511,7 +532,7 @@ def run_qa(context: RunContext) -> dict[str, Any]:
     if tokenizer is None:
         raise ValueError("The QA stage needs a tokenizer: the starting model has none; set config.tokenizer.")
     max_length = min(c.max_length, model.config.max_sequence_length)
-    examples = load_squad(resolve_path(c.train_file), on_invalid=c.on_invalid, limit=c.train_limit or None)
+    examples = load_examples(c.train_file, on_invalid=c.on_invalid, limit=c.train_limit, concat=c.concat.to_dict())
     features = prepare_qa_features(
         examples, tokenizer, max_length=max_length, doc_stride=c.doc_stride,
         max_question_tokens=min(c.max_question_tokens, model.config.max_global_tokens - 1), training=True,
@@ -581,7 +602,6 @@ def predict_qa(model, tokenizer, examples, *, max_length: int, doc_stride: int, 
 
 def run_evaluate(context: RunContext) -> dict[str, Any]:
     from longflax import evaluate as scoring
-    from longflax.data.squad import load_squad
     from longflax.tasks.qa_decode import write_predictions
 
     c = context.config.evaluate
@@ -591,7 +611,9 @@ def run_evaluate(context: RunContext) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for entry in c.sets:
         name = entry["name"]
-        examples = load_squad(resolve_path(entry["file"]), on_invalid="skip", limit=entry.get("limit") or None)
+        examples = load_examples(
+            entry["file"], on_invalid="skip", limit=entry.get("limit") or 0, concat=entry.get("concat")
+        )
         max_length = min(entry.get("max_length") or c.max_length, model.config.max_sequence_length)
         started = time.perf_counter()
         predictions, nbest = predict_qa(
