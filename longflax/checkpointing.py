@@ -7,7 +7,7 @@ each step into a temporary directory and renames it when complete, so a crash du
 never leaves a half-written step behind.
 
 Restoring always takes an explicit target with shardings, so a checkpoint written on one mesh
-restores on another mesh or device count; `restore_host` reads it into host numpy arrays.
+restores on another mesh or device count. `restore_host` reads it into host numpy arrays.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class Checkpointer:
             return steps[-1]
         if step not in steps:
             raise ValueError(
-                f"Checkpoint step {step} not found in {self.directory}; available steps: {steps}."
+                f"Checkpoint step {step} not found in {self.directory}. Available steps: {steps}."
             )
         return step
 
