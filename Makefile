@@ -20,7 +20,8 @@ test: venv
 	$(PY) -m pytest -q tests
 
 demo: venv
-	$(PY) -m longflax.demo --workdir $(DEMO_DIR)
+	$(PY) -m longflax.train --config configs/demo.py --workdir $(DEMO_DIR)
+	$(PY) -m longflax.report --workdir $(DEMO_DIR)
 
 lint: venv
 	$(PY) -m ruff check longflax tests configs

@@ -117,7 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
             "init_from": "",
         }
     )
-    config.export = ml_collections.ConfigDict({"head": "", "init_from": ""})
+    # verify_examples > 0 reloads the export with transformers (PyTorch) and checks that it
+    # gives the same answers as longflax on that many evaluation questions.
+    config.export = ml_collections.ConfigDict({"head": "", "init_from": "", "verify_examples": 0})
     return config
 
 
@@ -184,3 +186,126 @@ def resolve_path(path: str) -> str:
 
         return str(resolve_data_file(path[len("data:") :]))
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The small variant of every experiment config
+
+# Long-context models of the small variant: 1024 positions (extended from 514, as the full
+# recipe extends 514 to 4098) with a two-sided window of 64 tokens.
+SMALL_MAX_LENGTH = 1024
+SMALL_ATTENTION_WINDOW = 64
+SMALL_MAX_GLOBAL_TOKENS = 48
+
+
+def small_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink an experiment config in place to a run of a few minutes on a 2-core CPU.
+
+    The small variant keeps the experiment's stages, long-context conversion, concatenation
+    and evaluation rules, but swaps in:
+
+    * a random tiny model (`convert.source = "scratch"`, 2 layers of width 64) with the
+      RoBERTa tokenizer from `data:tokenizers/roberta-base`, in float32;
+    * 1024 positions and a window of 64 when the experiment converts to a long model
+      (`convert.max_length > 0`), else a 514-position full-attention model;
+    * local data: a Project Gutenberg novel for MLM training, the WikiText-2 validation
+      split for MLM evaluation, the first 44 articles of SQuAD v1.1 train for QA, and at
+      most 16 questions per evaluation set;
+    * a few tens of training steps.
+
+    A run that starts from an outside model (`<stage>.init_from`) starts from the tiny model
+    instead: the stages become `convert` followed by the experiment's other stages, and an
+    evaluation-only experiment gains a `qa` stage so that it has a QA model to evaluate.
+    Evaluation sets stay as they are, so a config whose sets are not in the data folder must
+    pick local ones for its small variant.
+
+    Args:
+        config: A config built from `base_config()`; it is changed in place.
+
+    Returns:
+        The same config, for chaining.
+    """
+    _small_stages(config)
+    _small_model(config)
+    _small_mlm(config)
+    _small_qa(config)
+    _small_evaluate(config)
+    config.log_every = 5
+    config.checkpoint.every = 10
+    return config
+
+
+def _small_stages(config: ml_collections.ConfigDict) -> None:
+    stages = [stage for stage in config.stages if stage != "convert"]
+    if "evaluate" in stages and "qa" not in stages:
+        stages.insert(stages.index("evaluate"), "qa")
+    config.stages = ("convert", *stages)
+    for stage in ("mlm", "qa", "evaluate", "export"):
+        config[stage].init_from = ""
+    for stage in ("mlm", "qa"):
+        config[stage].resume_from = ""
+
+
+def _small_model(config: ml_collections.ConfigDict) -> None:
+    config.tokenizer = "data:tokenizers/roberta-base"
+    config.model.dtype = "float32"
+    config.scratch.family = "roberta"
+    config.scratch.hidden_size = 64
+    config.scratch.num_layers = 2
+    config.scratch.num_heads = 4
+    config.scratch.mlp_dim = 128
+    config.scratch.max_position_embeddings = 514
+    config.convert.source = "scratch"
+    if config.convert.max_length:
+        config.convert.max_length = SMALL_MAX_LENGTH
+        config.convert.attention_window = SMALL_ATTENTION_WINDOW
+        config.convert.max_global_tokens = SMALL_MAX_GLOBAL_TOKENS
+
+
+def _model_length(config: ml_collections.ConfigDict) -> int:
+    # RoBERTa-style position ids start at 2, so 514 rows hold 512 tokens.
+    return config.convert.max_length or config.scratch.max_position_embeddings - 2
+
+
+def _small_mlm(config: ml_collections.ConfigDict) -> None:
+    mlm = config.mlm
+    mlm.train_files = ("data:text/gutenberg/pg84.txt",)
+    mlm.eval_files = ("data:text/wikitext-2/wiki.valid.tokens.gz",)
+    mlm.layout = "paragraphs"
+    # Batches of 8 split evenly over up to 8 devices (an 8-chip host, or 8 fake CPU devices).
+    mlm.block_length = 128
+    mlm.batch_size = 8
+    mlm.num_microbatches = 2 if mlm.num_microbatches > 1 else 1
+    mlm.steps = 30
+    mlm.warmup_steps = 5
+    mlm.learning_rate = 5e-4
+    mlm.eval_every = 15
+    mlm.eval_batch_size = 8
+    mlm.eval_batches = 4
+
+
+def _small_qa(config: ml_collections.ConfigDict) -> None:
+    qa = config.qa
+    qa.train_file = "data:squad/train-v1.1-first44articles.json"
+    qa.train_limit = 128
+    qa.max_length = min(qa.max_length, _model_length(config))
+    qa.max_question_tokens = min(qa.max_question_tokens, SMALL_MAX_GLOBAL_TOKENS - 8)
+    qa.batch_size = 8
+    qa.num_microbatches = 2 if qa.num_microbatches > 1 else 1
+    qa.steps = 20
+    qa.learning_rate = 3e-4
+
+
+def _small_evaluate(config: ml_collections.ConfigDict) -> None:
+    evaluate = config.evaluate
+    evaluate.max_length = min(evaluate.max_length, _model_length(config))
+    evaluate.max_question_tokens = min(evaluate.max_question_tokens, SMALL_MAX_GLOBAL_TOKENS - 8)
+    evaluate.batch_size = 8
+    sets = []
+    for entry in evaluate.sets:
+        entry = dict(entry)
+        entry["limit"] = min(entry.get("limit") or 16, 16)
+        if entry.get("max_length"):
+            entry["max_length"] = min(entry["max_length"], _model_length(config))
+        sets.append(entry)
+    evaluate.sets = sets

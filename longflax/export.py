@@ -21,7 +21,12 @@ from longflax import hf_weights, model_io
 
 
 def export_model(model, output: str | pathlib.Path, *, head: str, tokenizer=None) -> pathlib.Path:
-    """Write config.json, model.safetensors and the tokenizer for the given head."""
+    """Write config.json, model.safetensors and the tokenizer for the given head.
+
+    NOTE: with head "none", a model without a pooler (RoBERTa and XLM-R masked-LM sources)
+    loads cleanly only with `AutoModel.from_pretrained(dir, add_pooling_layer=False)`;
+    without that argument transformers builds a pooler and reports it as newly initialised.
+    """
     from safetensors.numpy import save_file
 
     from longflax.modeling.encoder import head_of

@@ -313,7 +313,7 @@ def flat_params(model) -> dict[str, Any]:
     from flax import nnx
 
     state = nnx.state(model, nnx.Param)
-    return {"/".join(str(p) for p in path): var for path, var in state.flat_state()}
+    return {"/".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
 
 
 def assign_params(model, mapped: Mapping[str, np.ndarray], *, allow_missing: tuple[str, ...] = ()) -> list[str]:
@@ -350,7 +350,7 @@ def assign_params(model, mapped: Mapping[str, np.ndarray], *, allow_missing: tup
     if not_allowed:
         raise ValueError(f"Model parameters not found in the checkpoint: {not_allowed[:10]}.")
     state = nnx.state(model, nnx.Param)
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         name = "/".join(str(p) for p in path)
         if name in mapped:
             var.set_value(jnp.asarray(mapped[name], var.get_value().dtype))

@@ -58,7 +58,11 @@ def model_from_arrays(
         model = abstract
     else:
         model = build_model(config, head, seed=seed)
-    missing = hf_weights.assign_params(model, mapped, allow_missing=HEAD_PREFIXES[head])
+    # Only a head the source lacks entirely may start at random; a partial head is an error.
+    head_prefixes = HEAD_PREFIXES[head]
+    source_has_head = bool(head_prefixes) and any(k.startswith(head_prefixes) for k in mapped)
+    allow_missing = () if source_has_head else head_prefixes
+    missing = hf_weights.assign_params(model, mapped, allow_missing=allow_missing)
     if missing:
         logging.warning(
             "The checkpoint has no %s head; %d head parameters are newly initialised: %s",

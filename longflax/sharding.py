@@ -12,9 +12,10 @@ once per leaf.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -407,3 +408,27 @@ def pad_batch(batch: PyTree, multiple: int) -> tuple[PyTree, np.ndarray]:
         return np.pad(array, widths, mode="edge")
 
     return jax.tree.map(pad, arrays), valid_mask
+
+
+# The mesh that model code constrains its large activations to while a step is traced; None
+# outside `activation_mesh`, so eager calls and single-device use pay nothing.
+_ACTIVATION_MESH: list[Mesh | None] = [None]
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None) -> Iterator[None]:
+    """Let `constrain` shard activations over `mesh` inside this block (used while tracing)."""
+    previous = _ACTIVATION_MESH[0]
+    _ACTIVATION_MESH[0] = mesh
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH[0] = previous
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation to the sharding its logical axes map to; a no-op without a mesh."""
+    mesh = _ACTIVATION_MESH[0]
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_sharding(logical_axes, x.shape, mesh, name="activation"))

@@ -557,47 +557,65 @@ def run_qa(context: RunContext) -> dict[str, Any]:
 # evaluate
 
 
-def predict_qa(model, tokenizer, examples, *, max_length: int, doc_stride: int, max_question_tokens: int,
-               batch_size: int, n_best_size: int, max_answer_length: int, mesh, rule: str = "context_span"):
-    """Run the QA model over every window of every example and decode answers."""
-    from tqdm import tqdm
+class QAPredictor:
+    """Runs a QA model over every window of every example and decodes answers.
 
-    from longflax import sharding
-    from longflax.data.qa_features import prepare_qa_features
-    from longflax.tasks.qa_decode import decode_predictions
+    The jitted forward pass is built once, so evaluating many sets of the same length
+    compiles once per length.
+    """
 
-    features = prepare_qa_features(
-        examples, tokenizer, max_length=max_length, doc_stride=doc_stride,
-        max_question_tokens=max_question_tokens, training=False,
-    )
-    arrays = _feature_arrays(features, training=False)
-    _check_global_budget(model.config, arrays)
-    graphdef, params = nnx.split(model, nnx.Param)
+    def __init__(self, model, tokenizer, *, mesh, batch_size: int, max_question_tokens: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.max_question_tokens = max_question_tokens
+        multiple = mesh.devices.size
+        self.batch_size = max(multiple, batch_size // multiple * multiple)
+        graphdef, self.params = nnx.split(model, nnx.Param)
 
-    @jax.jit
-    def forward(params, batch):
-        out = nnx.merge(graphdef, params)(
-            batch["input_ids"], batch["attention_mask"], batch["global_attention_mask"], batch["token_type_ids"]
+        def forward(params, batch):
+            out = nnx.merge(graphdef, params)(
+                batch["input_ids"], batch["attention_mask"], batch["global_attention_mask"], batch["token_type_ids"]
+            )
+            return out.start_logits, out.end_logits
+
+        self._forward = jax.jit(forward)
+
+    def logits(self, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        from tqdm import tqdm
+
+        from longflax import sharding
+
+        _check_global_budget(self.model.config, arrays)
+        count, length = arrays["input_ids"].shape
+        starts, ends = [], []
+        for begin in tqdm(range(0, count, self.batch_size), desc="evaluate", unit="batch", leave=False):
+            batch = {k: v[begin : begin + self.batch_size] for k, v in arrays.items()}
+            rows = batch["input_ids"].shape[0]
+            # The last batch is padded to the full batch size (one compiled shape) and the
+            # padding rows are dropped again; no feature is ever left out.
+            padded, _ = sharding.pad_batch(batch, self.batch_size)
+            start, end = jax.device_get(self._forward(self.params, padded))
+            starts.append(start[:rows])
+            ends.append(end[:rows])
+        if not starts:
+            return np.zeros((0, length), np.float32), np.zeros((0, length), np.float32)
+        return np.concatenate(starts), np.concatenate(ends)
+
+    def predict(self, examples, *, max_length: int, doc_stride: int, n_best_size: int, max_answer_length: int,
+                rule: str = "context_span"):
+        from longflax.data.qa_features import prepare_qa_features
+        from longflax.tasks.qa_decode import decode_predictions
+
+        features = prepare_qa_features(
+            examples, self.tokenizer, max_length=max_length, doc_stride=doc_stride,
+            max_question_tokens=self.max_question_tokens, training=False,
         )
-        return out.start_logits, out.end_logits
-
-    count = arrays["input_ids"].shape[0]
-    multiple = mesh.devices.size
-    batch_size = max(multiple, batch_size // multiple * multiple)
-    starts, ends = [], []
-    for begin in tqdm(range(0, count, batch_size), desc="evaluate", unit="batch", leave=False):
-        batch = {k: v[begin : begin + batch_size] for k, v in arrays.items()}
-        rows = batch["input_ids"].shape[0]
-        padded, _ = sharding.pad_batch(batch, batch_size)
-        start, end = jax.device_get(forward(params, padded))
-        starts.append(start[:rows])
-        ends.append(end[:rows])
-    start_logits = np.concatenate(starts) if starts else np.zeros((0, max_length), np.float32)
-    end_logits = np.concatenate(ends) if ends else np.zeros((0, max_length), np.float32)
-    return decode_predictions(
-        examples, features, start_logits, end_logits, n_best_size=n_best_size,
-        max_answer_length=max_answer_length, rule=rule,
-    )
+        start_logits, end_logits = self.logits(_feature_arrays(features, training=False))
+        return decode_predictions(
+            examples, features, start_logits, end_logits, n_best_size=n_best_size,
+            max_answer_length=max_answer_length, rule=rule,
+        )
 
 
 def run_evaluate(context: RunContext) -> dict[str, Any]:
@@ -608,6 +626,10 @@ def run_evaluate(context: RunContext) -> dict[str, Any]:
     stage_dir = context.stage_dir("evaluate")
     context.write_config("evaluate")
     model, tokenizer, source = initial_model(context, "evaluate", "qa")
+    predictor = QAPredictor(
+        model, tokenizer, mesh=context.mesh, batch_size=c.batch_size,
+        max_question_tokens=min(c.max_question_tokens, model.config.max_global_tokens - 1),
+    )
     results: dict[str, Any] = {}
     for entry in c.sets:
         name = entry["name"]
@@ -616,11 +638,9 @@ def run_evaluate(context: RunContext) -> dict[str, Any]:
         )
         max_length = min(entry.get("max_length") or c.max_length, model.config.max_sequence_length)
         started = time.perf_counter()
-        predictions, nbest = predict_qa(
-            model, tokenizer, examples, max_length=max_length, doc_stride=entry.get("doc_stride", c.doc_stride),
-            max_question_tokens=min(c.max_question_tokens, model.config.max_global_tokens - 1),
-            batch_size=c.batch_size, n_best_size=c.n_best_size, max_answer_length=c.max_answer_length,
-            mesh=context.mesh, rule=c.decode_rule,
+        predictions, nbest = predictor.predict(
+            examples, max_length=max_length, doc_stride=entry.get("doc_stride", c.doc_stride),
+            n_best_size=c.n_best_size, max_answer_length=c.max_answer_length, rule=c.decode_rule,
         )
         write_predictions(stage_dir / name, predictions, nbest)
         rules = entry.get("rules", "squad")
@@ -650,7 +670,62 @@ def run_export(context: RunContext) -> dict[str, Any]:
     model, tokenizer, source = initial_model(context, "export", c.head or None)
     head = c.head or _head(model)
     output = export_model(model, stage_dir / "hf", head=head, tokenizer=tokenizer)
-    return {"source": source, "output": str(output), "head": head}
+    summary: dict[str, Any] = {"source": source, "output": str(output), "head": head}
+    if c.verify_examples and head == "qa":
+        summary["verification"] = verify_export(context, model, tokenizer, output, c.verify_examples)
+        (stage_dir / "verification.json").write_text(json.dumps(summary["verification"], indent=2))
+    return summary
+
+
+def verify_export(context: RunContext, model, tokenizer, directory: pathlib.Path, count: int) -> dict[str, Any]:
+    """Reload a QA export with transformers (PyTorch) and compare its answers with longflax's.
+
+    Uses the first `count` questions of the first evaluation set, with the same features and
+    the same span decoding for both models.
+    """
+    try:
+        import torch
+        from transformers import AutoModelForQuestionAnswering
+    except ImportError as error:
+        raise ValueError("export.verify_examples needs torch and transformers (pip install 'longflax[torch]').") from error
+    from longflax.data.qa_features import prepare_qa_features
+    from longflax.tasks.qa_decode import decode_predictions
+
+    entry = context.config.evaluate.sets[0]
+    examples = load_examples(entry["file"], on_invalid="skip", limit=count, concat=entry.get("concat"))
+    max_length = min(entry.get("max_length") or context.config.evaluate.max_length, model.config.max_sequence_length)
+    features = prepare_qa_features(
+        examples, tokenizer, max_length=max_length, doc_stride=entry.get("doc_stride", 128),
+        max_question_tokens=min(context.config.evaluate.max_question_tokens, model.config.max_global_tokens - 1),
+        training=False,
+    )
+    arrays = _feature_arrays(features, training=False)
+    ours = model(arrays["input_ids"], arrays["attention_mask"], arrays["global_attention_mask"], arrays["token_type_ids"])
+    hf_model, info = AutoModelForQuestionAnswering.from_pretrained(str(directory), output_loading_info=True)
+    hf_model.eval()
+    inputs = {k: torch.as_tensor(v, dtype=torch.long) for k, v in arrays.items()}
+    if model.config.attention != "longformer":
+        inputs.pop("global_attention_mask")
+    with torch.no_grad():
+        theirs = hf_model(**inputs)
+    ours_start, ours_end = np.asarray(ours.start_logits), np.asarray(ours.end_logits)
+    theirs_start, theirs_end = theirs.start_logits.numpy(), theirs.end_logits.numpy()
+    valid = arrays["attention_mask"].astype(bool)
+    difference = float(max(np.abs(ours_start - theirs_start)[valid].max(), np.abs(ours_end - theirs_end)[valid].max()))
+    ours_answers, _ = decode_predictions(examples, features, ours_start, ours_end)
+    theirs_answers, _ = decode_predictions(examples, features, theirs_start, theirs_end)
+    same = sum(ours_answers[k] == theirs_answers.get(k) for k in ours_answers)
+    result = {
+        "questions": len(examples),
+        "same_answers": same,
+        "max_abs_logit_difference": difference,
+        "missing_keys": list(info["missing_keys"]),
+        "unexpected_keys": list(info["unexpected_keys"]),
+        "hf_class": type(hf_model).__name__,
+    }
+    logging.info("export check: %s", result)
+    print(f"export check: {same}/{len(examples)} identical answers, max |logit difference| {difference:.2e}", flush=True)
+    return result
 
 
 RUNNERS = {"convert": run_convert, "mlm": run_mlm, "qa": run_qa, "evaluate": run_evaluate, "export": run_export}

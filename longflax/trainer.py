@@ -161,8 +161,14 @@ class Trainer:
             return new_state, metrics
 
         batch_shardings = {k: self.batch_sharding for k in batch_example}
+        mesh = self.mesh
+
+        def step_with_mesh(state, batch):
+            with sharding.activation_mesh(mesh):
+                return step(state, batch)
+
         return jax.jit(
-            step,
+            step_with_mesh,
             in_shardings=(self.state_shardings, batch_shardings),
             out_shardings=(self.state_shardings, None),
             donate_argnums=(0,),

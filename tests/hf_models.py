@@ -53,7 +53,10 @@ def make_hf_model(kind: str, directory: pathlib.Path, *, seed: int = 0, **overri
         generator = torch.Generator().manual_seed(seed)
         for name, param in model.named_parameters():
             if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+                param.copy_(
+                    torch.randn(param.shape, generator=generator) * 0.1
+                    + (1.0 if name.endswith("weight") else 0.0)
+                )
     model.eval()
     model.save_pretrained(str(directory))
     return model
@@ -66,7 +69,9 @@ def torch_outputs(model, **inputs):
         return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()})
 
 
-def random_ids(batch: int, length: int, *, vocab: int = 1000, seed: int = 0, pad_tail=(), pad_id: int = 1):
+def random_ids(
+    batch: int, length: int, *, vocab: int = 1000, seed: int = 0, pad_tail=(), pad_id: int = 1
+):
     """Random token ids in [3, vocab) with `<s>` first; `pad_tail[i]` pads the end of row i."""
     rng = np.random.RandomState(seed)
     ids = rng.randint(3, vocab, size=(batch, length))

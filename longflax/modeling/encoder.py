@@ -19,6 +19,10 @@ from jaxtyping import Array, Float, Int
 from longflax.modeling import attention as attn
 from longflax.modeling.config import ModelConfig
 from longflax.modeling.layers import Dense, Embed, LayerNorm, activation, dropout
+from longflax.sharding import constrain
+
+# Logical axes of the hidden states between layers.
+ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 @flax.struct.dataclass
@@ -77,6 +81,20 @@ def default_qa_global_mask(input_ids: Int[Array, "B T"], config: ModelConfig) ->
     return (jnp.arange(input_ids.shape[1])[None, :] < first_sep).astype(jnp.int32)
 
 
+def check_length(config: ModelConfig, length: int) -> None:
+    """Reject a sequence longer than the position table can number.
+
+    Raises:
+        ValueError: naming the length and the limit.
+    """
+    if length > config.max_sequence_length:
+        raise ValueError(
+            f"Input length {length} exceeds the maximum of {config.max_sequence_length} tokens "
+            f"(max_position_embeddings={config.max_position_embeddings}); truncate the input or "
+            "convert the model to a longer length."
+        )
+
+
 def validate_inputs(
     config: ModelConfig,
     input_ids: Any,
@@ -103,13 +121,7 @@ def validate_inputs(
             f"input_ids contain {bad}, outside the vocabulary [0, {config.vocab_size}); check that "
             "the tokenizer matches the model."
         )
-    length = ids.shape[1]
-    if length > config.max_sequence_length:
-        raise ValueError(
-            f"Input length {length} exceeds the maximum of {config.max_sequence_length} tokens "
-            f"(max_position_embeddings={config.max_position_embeddings}); truncate the input or "
-            "convert the model to a longer length."
-        )
+    check_length(config, ids.shape[1])
     for name, value in (
         ("attention_mask", attention_mask),
         ("global_attention_mask", global_attention_mask),
@@ -308,6 +320,10 @@ class Encoder(nnx.Module):
         config = self.config
         if _is_concrete(input_ids, attention_mask, global_attention_mask, token_type_ids):
             validate_inputs(config, input_ids, attention_mask, global_attention_mask, token_type_ids)
+        else:
+            # NOTE: traced values cannot be checked here, so under jax.jit only the length is
+            # validated; token ids and global counts are checked when the model runs eagerly.
+            check_length(config, jnp.shape(input_ids)[1])
         input_ids = jnp.asarray(input_ids, jnp.int32)
         batch, length = input_ids.shape
         mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
@@ -345,7 +361,7 @@ class Encoder(nnx.Module):
         rngs = [None] * (config.num_layers + 1)
         if dropout_rng is not None:
             rngs = list(jax.random.split(dropout_rng, config.num_layers + 1))
-        x = self.embeddings(input_ids, position_ids, types, rngs[0])
+        x = constrain(self.embeddings(input_ids, position_ids, types, rngs[0]), ACTIVATION_AXES)
         bool_mask = mask > 0
 
         hidden_states = [x] if output_hidden_states else None
@@ -356,7 +372,7 @@ class Encoder(nnx.Module):
             if config.remat != "none":
                 apply = nnx.remat(_apply_layer, policy=_REMAT_POLICIES[config.remat])
             for layer, rng in zip(self.layers, rngs[1:], strict=True):
-                x = apply(layer, x, bool_mask, global_index, global_valid, rng)
+                x = constrain(apply(layer, x, bool_mask, global_index, global_valid, rng), ACTIVATION_AXES)
                 if hidden_states is not None:
                     hidden_states.append(x)
 
