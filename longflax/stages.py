@@ -31,7 +31,7 @@ from absl import logging
 from flax import nnx
 
 from longflax import model_io
-from longflax.configuration import STAGES, resolve_path
+from longflax.configuration import resolve_path
 from longflax.modeling.config import ModelConfig
 from longflax.modeling.encoder import build_model, validate_inputs
 from longflax.trainer import Trainer, TrainSettings
@@ -116,7 +116,7 @@ def load_tokenizer(name: str):
     """
     from transformers import AutoTokenizer, RobertaTokenizerFast
 
-    from longflax.configuration import STAGES, resolve_path
+    from longflax.configuration import resolve_path
 
     if name.startswith("data:"):
         from longflax.data.squad import resolve_data_file
@@ -161,8 +161,26 @@ def _resume_source(context: RunContext, stage: str, trainer: Trainer) -> None:
     logging.info("Continuing from %s at step %s.", resume_from, metadata.get("step"))
 
 
+def check_batch_fits_mesh(context: RunContext, stage: str) -> None:
+    """Each micro-batch is split over the data-parallel devices, so it must divide evenly."""
+    from longflax import sharding
+
+    c = context.config[stage]
+    spec = sharding.batch_sharding(context.mesh).spec[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    shards = math.prod(context.mesh.shape[axis] for axis in axes)
+    rows = c.batch_size // c.num_microbatches
+    if rows % shards:
+        raise ValueError(
+            f"{stage}.batch_size={c.batch_size} with {stage}.num_microbatches={c.num_microbatches} gives "
+            f"micro-batches of {rows} rows, which cannot be split over the {shards} data-parallel devices "
+            f"of the mesh {dict(context.mesh.shape)}; make batch_size / num_microbatches a multiple of {shards}."
+        )
+
+
 def _settings(context: RunContext, stage: str, total_steps: int) -> TrainSettings:
     c = context.config[stage]
+    check_batch_fits_mesh(context, stage)
     warmup = c.warmup_steps if c.warmup_steps >= 0 else int(round(c.warmup_ratio * total_steps))
     return TrainSettings(
         total_steps=total_steps,
@@ -508,7 +526,7 @@ def load_examples(path: str, *, on_invalid: str, limit: int = 0, concat: Mapping
     from longflax.data.squad import load_squad
 
     examples = load_squad(resolve_path(path), on_invalid=on_invalid)
-    if concat and concat.get("k", 1) > 1:
+    if concat and (concat.get("k", 1) > 1 or concat.get("mode") == "original"):
         from longflax.data.concat import build_concatenated
 
         mode = concat.get("mode", "shuffled")

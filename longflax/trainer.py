@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -38,6 +40,66 @@ class ResumableBatches(Protocol):
 
 # loss_fn(model, batch, dropout_rng) -> (sum_loss, {"num_tokens": ..., other summed values})
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class Prefetcher:
+    """Prepares the next batches on a background thread and copies them to the devices.
+
+    Host work (masking, gathering rows) and the host-to-device copy overlap with the running
+    step. `state()` is the position of the next batch the caller has not yet received, so a
+    checkpoint never skips or repeats the batches held in the queue.
+    """
+
+    def __init__(self, batches: ResumableBatches, place: Callable[[Mapping[str, np.ndarray]], Any], depth: int = 2):
+        self._batches = batches
+        self._place = place
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        while not self._stop.is_set():
+            try:
+                state = self._batches.state()
+                host = next(self._batches)
+                item = (state, host, self._place(host))
+            except BaseException as error:  # noqa: BLE001 - re-raised in the consumer thread
+                item = (None, None, error)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] is None:
+                return
+
+    def __next__(self) -> tuple[Mapping[str, np.ndarray], Any]:
+        state, host, placed = self._queue.get()
+        if state is None:
+            raise placed
+        return host, placed
+
+    def state(self) -> dict[str, Any]:
+        """Position of the next batch not yet handed out by `__next__`."""
+        with self._queue.mutex:
+            pending = list(self._queue.queue)
+        for item_state, _, _ in pending:
+            if item_state is not None:
+                return item_state
+        # Nothing queued yet: wait for the producer's next batch and put it back at the head.
+        item = self._queue.get()
+        with self._queue.mutex:
+            self._queue.queue.appendleft(item)
+            self._queue.not_empty.notify()
+        if item[0] is None:
+            raise item[2]
+        return item[0]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 @dataclasses.dataclass
@@ -214,13 +276,26 @@ class Trainer:
         if step == 0:
             log_parameter_overview(self.state["params"])
 
+        prefetch = Prefetcher(batches, lambda b: jax.device_put(dict(b), self.batch_sharding))
+        try:
+            self._loop(prefetch, manager, writer, evaluate, tokens_per_batch, step)
+        finally:
+            prefetch.close()
+        manager.wait()
+        manager.close()
+        writer.close()
+        return self.model()
+
+    def _loop(self, prefetch, manager, writer, evaluate, tokens_per_batch, step: int) -> None:
+        """Run steps until `total_steps`, logging, evaluating and saving on the way."""
+        settings = self.settings
         timer_start, timer_steps, timer_tokens = time.perf_counter(), 0, 0
         last_good = step
         with checkpointing.PreemptionGuard() as guard:
             while step < settings.total_steps:
-                batch = next(batches)
+                host_batch, batch = next(prefetch)
                 if self._step_fn is None:
-                    self._step_fn = self._build_step(batch)
+                    self._step_fn = self._build_step(host_batch)
                     compile_start = time.perf_counter()
                     self.state, metrics = self._step_fn(self.state, batch)
                     jax.block_until_ready(metrics["loss"])
@@ -230,7 +305,7 @@ class Trainer:
                 else:
                     self.state, metrics = self._step_fn(self.state, batch)
                     timer_steps += 1
-                    timer_tokens += tokens_per_batch(batch)
+                    timer_tokens += tokens_per_batch(host_batch)
                 step += 1
 
                 if step % settings.log_every == 0 or step == settings.total_steps or step <= 3:
@@ -262,7 +337,7 @@ class Trainer:
                     manager.save(
                         step,
                         self.state,
-                        data_state={"batches": batches.state()},
+                        data_state={"batches": prefetch.state()},
                         metadata={"step": step},
                         force=guard.should_stop,
                     )
@@ -274,10 +349,6 @@ class Trainer:
                         f"Received {guard.received_signal}; saved step {step} to {manager.directory}. "
                         "Run the same command again to resume."
                     )
-        manager.wait()
-        manager.close()
-        writer.close()
-        return self.model()
 
     def model(self) -> nnx.Module:
         """The model with the current parameters, gathered to the host."""
