@@ -134,13 +134,12 @@ def count_parameters(params: nnx.State) -> int:
 
 
 def log_parameter_overview(params: nnx.State) -> None:
-    """Log every parameter's path, shape and logical axes, and the total count."""
-    lines = []
-    for path, var in params.flat_state():
-        name = "/".join(str(p) for p in path)
-        lines.append(f"  {name:70s} {str(tuple(var.shape)):18s} {var.get_metadata().get('logical_axes')}")
-    shown = lines if len(lines) <= 40 else lines[:20] + [f"  ... {len(lines) - 30} more ..."] + lines[-10:]
-    logging.info("Parameters (%s in total):\n%s", f"{count_parameters(params):,}", "\n".join(shown))
+    """Log every parameter's path, shape, dtype and size, and the total (clu's table)."""
+    from clu import parameter_overview
+
+    flat = {"/".join(str(p) for p in path): var.get_value() for path, var in params.flat_state()}
+    table = parameter_overview.get_parameter_overview(flat, include_stats=False)
+    logging.info("Parameters (%s in total):\n%s", f"{count_parameters(params):,}", table)
 
 
 class Trainer:

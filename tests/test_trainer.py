@@ -44,9 +44,13 @@ class CountingBatches:
         if self.sigterm_at is not None and self.position == self.sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)
         self.position += 1
-        ids = rng.integers(3, CONFIG.vocab_size, size=(self.batch_size, self.length)).astype(np.int32)
+        ids = rng.integers(3, CONFIG.vocab_size, size=(self.batch_size, self.length)).astype(
+            np.int32
+        )
         ids[:, 0] = 0
-        positions = np.sort(rng.choice(np.arange(1, self.length), size=(self.batch_size, 3)), axis=1).astype(np.int32)
+        positions = np.sort(
+            rng.choice(np.arange(1, self.length), size=(self.batch_size, 3)), axis=1
+        ).astype(np.int32)
         labels = np.take_along_axis(ids, positions, axis=1)
         masked = ids.copy()
         np.put_along_axis(masked, positions, 5, axis=1)
@@ -89,8 +93,16 @@ def _params(model) -> dict[str, np.ndarray]:
 
 
 def _trainer(tmp_path, mesh_shape=None, **settings) -> Trainer:
-    mesh = sharding.make_mesh(mesh_shape or {"data": 1}, devices=None if mesh_shape else jax.devices()[:1])
-    return Trainer(build_model(CONFIG, "mlm", seed=3), mlm_loss_fn, _settings(**settings), mesh=mesh, stage_dir=tmp_path)
+    mesh = sharding.make_mesh(
+        mesh_shape or {"data": 1}, devices=None if mesh_shape else jax.devices()[:1]
+    )
+    return Trainer(
+        build_model(CONFIG, "mlm", seed=3),
+        mlm_loss_fn,
+        _settings(**settings),
+        mesh=mesh,
+        stage_dir=tmp_path,
+    )
 
 
 def test_interrupted_run_equals_uninterrupted(tmp_path):
@@ -106,7 +118,9 @@ def test_interrupted_run_equals_uninterrupted(tmp_path):
 
 def test_resume_on_other_device_count(tmp_path):
     mesh_shape = {"data": 2, "tensor": 4}
-    reference = _params(_trainer(tmp_path / "straight", mesh_shape).run(CountingBatches(batch_size=8)))
+    reference = _params(
+        _trainer(tmp_path / "straight", mesh_shape).run(CountingBatches(batch_size=8))
+    )
 
     with pytest.raises(SystemExit):
         _trainer(tmp_path / "moved", mesh_shape).run(CountingBatches(batch_size=8, sigterm_at=2))
@@ -117,9 +131,15 @@ def test_resume_on_other_device_count(tmp_path):
 
 
 def test_accumulated_batch_equals_big_batch(tmp_path):
-    whole = _params(_trainer(tmp_path / "whole", total_steps=1, warmup_steps=0).run(CountingBatches(batch_size=4)))
+    whole = _params(
+        _trainer(tmp_path / "whole", total_steps=1, warmup_steps=0).run(
+            CountingBatches(batch_size=4)
+        )
+    )
     parts = _params(
-        _trainer(tmp_path / "parts", total_steps=1, warmup_steps=0, num_microbatches=4).run(CountingBatches(batch_size=4))
+        _trainer(tmp_path / "parts", total_steps=1, warmup_steps=0, num_microbatches=4).run(
+            CountingBatches(batch_size=4)
+        )
     )
     for name, value in whole.items():
         np.testing.assert_allclose(parts[name], value, atol=1e-6, err_msg=name)
@@ -131,7 +151,10 @@ def test_global_projections_frozen_without_global_tokens(tmp_path):
     for name in before:
         if "_global/" in name:
             np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-    assert not np.array_equal(after["encoder/layers/0/attention/query/kernel"], before["encoder/layers/0/attention/query/kernel"])
+    assert not np.array_equal(
+        after["encoder/layers/0/attention/query/kernel"],
+        before["encoder/layers/0/attention/query/kernel"],
+    )
 
 
 def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
@@ -149,7 +172,13 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
 
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     trainer = Trainer(
-        build_model(CONFIG, "mlm", seed=3), exploding_loss, _settings(checkpoint_every=1), mesh=mesh, stage_dir=tmp_path
+        build_model(CONFIG, "mlm", seed=3),
+        exploding_loss,
+        _settings(checkpoint_every=1),
+        mesh=mesh,
+        stage_dir=tmp_path,
     )
-    with pytest.raises(RuntimeError, match=r"loss is nan at step 3; stopping\. The last good checkpoint is step 2"):
+    with pytest.raises(
+        RuntimeError, match=r"loss is nan at step 3; stopping\. The last good checkpoint is step 2"
+    ):
         trainer.run(PoisonedBatches())
