@@ -44,8 +44,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 2, "keep_every": 0})
     # Run-time model settings applied to whatever weights a stage loads.
+    # Dropout rates left as None keep the checkpoint's own values.
     config.model = ml_collections.ConfigDict(
-        {"dtype": "float32", "remat": "none", "scan_layers": False}
+        {
+            "dtype": "float32",
+            "remat": "none",
+            "scan_layers": False,
+            "dropout_rate": ml_collections.config_dict.placeholder(float),
+            "attention_dropout_rate": ml_collections.config_dict.placeholder(float),
+        }
     )
     # Architecture of a randomly initialised model (convert.source = "scratch" or
     # <stage>.init_from = "scratch"); vocabulary and special ids come from the tokenizer.

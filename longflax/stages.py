@@ -207,7 +207,7 @@ def _apply_model_overrides(model: nnx.Module, context: RunContext) -> nnx.Module
     """Apply run-time model settings (dtype, remat, scan, dropout) that do not change weights."""
     overrides = {
         key: context.config.model[key]
-        for key in ("dtype", "remat", "scan_layers")
+        for key in ("dtype", "remat", "scan_layers", "dropout_rate", "attention_dropout_rate")
         if key in context.config.model and context.config.model[key] is not None
     }
     config = model.config.replace(**overrides)

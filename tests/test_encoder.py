@@ -657,9 +657,8 @@ def test_scan_and_remat_match_plain_loop():
 
     plain_hidden, plain_value, plain_grads = run()
     for changes in (
-        {"scan_layers": True},
+        {"scan_layers": True, "remat": "dots"},
         {"remat": "full"},
-        {"remat": "dots"},
     ):
         hidden, value, grads = run(**changes)
         np.testing.assert_allclose(hidden, plain_hidden, atol=1e-6, err_msg=str(changes))

@@ -50,20 +50,21 @@ def full_attention(
     return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(value.dtype), value)
 
 
-def _neighbour_blocks(x: Array, num_neighbours: int) -> Array:
-    """Gather each block's neighbourhood: (B, C, Q, ...) -> (B, C, (2m + 1) * Q, ...).
+def _neighbour_blocks(x: Array, num_neighbours: int, *, axis: int) -> Array:
+    """Gather each block's neighbourhood along `axis` (the block axis; positions follow it).
 
-    Blocks outside the sequence are zeros; the caller masks them out.
+    (..., C, Q, ...) -> (..., C, (2m + 1) * Q, ...). Blocks outside the sequence are zeros
+    (False for masks); the caller masks them out.
     """
-    num_blocks = x.shape[1]
+    num_blocks = x.shape[axis]
     pad = [(0, 0)] * x.ndim
-    pad[1] = (num_neighbours, num_neighbours)
+    pad[axis] = (num_neighbours, num_neighbours)
     padded = jnp.pad(x, pad)
     shifted = [
-        jax.lax.slice_in_dim(padded, offset, offset + num_blocks, axis=1)
+        jax.lax.slice_in_dim(padded, offset, offset + num_blocks, axis=axis)
         for offset in range(2 * num_neighbours + 1)
     ]
-    return jnp.concatenate(shifted, axis=2)
+    return jnp.concatenate(shifted, axis=axis + 1)
 
 
 def band_mask(block_size: int, num_neighbours: int, radius: int) -> Bool[Array, "Q K"]:
@@ -73,19 +74,25 @@ def band_mask(block_size: int, num_neighbours: int, radius: int) -> Bool[Array, 
     return jnp.abs(key_pos - query_pos) <= radius
 
 
-def choose_block_size(length: int, radius: int) -> int:
-    """Pick the block size for a one-sided radius: the radius itself when it divides `length`.
+# Blocks shorter than this make many tiny matmuls whose overhead outweighs the saved work.
+MIN_BLOCK_SIZE = 128
 
-    With block size equal to the radius each block scores 3 blocks of keys, 1.5 times the
-    2w + 1 keys that are needed. Lengths that the radius does not divide fall back to the
-    largest divisor of `length` that is not larger than the radius.
+
+def choose_block_size(length: int, radius: int) -> int:
+    """Pick the query block size that scores the fewest keys per query.
+
+    A block of b queries scores (2 * ceil(radius / b) + 1) * b keys, so b = radius costs 3w
+    keys per query (1.5 times the 2w + 1 needed), smaller blocks approach 2w + b, and one block
+    covering the whole sequence costs T. Candidates are the divisors of `length` of at least
+    `MIN_BLOCK_SIZE` (or `length` itself); ties go to the larger block.
     """
-    if radius >= length:
-        return length
-    for size in range(radius, 0, -1):
-        if length % size == 0:
-            return size
-    return 1
+    candidates = [b for b in range(min(MIN_BLOCK_SIZE, length), length + 1) if length % b == 0]
+
+    def keys_per_query(size: int) -> int:
+        neighbours = min(math.ceil(radius / size), length // size - 1)
+        return (2 * neighbours + 1) * size
+
+    return min(candidates, key=lambda b: (keys_per_query(b), -b))
 
 
 def global_slots(
@@ -155,25 +162,27 @@ def sliding_window_attention(
         )
         key_ok = attention_mask & ~is_global
 
-    # (B, T, N, H) -> (B, C, Q, N, H); keys and values -> (B, C, K, N, H).
-    q = query.reshape(batch, num_blocks, size, num_heads, head_dim)
-    k = _neighbour_blocks(key.reshape(q.shape), neighbours)
-    v = _neighbour_blocks(value.reshape(q.shape), neighbours)
-    k_ok = _neighbour_blocks(key_ok.reshape(batch, num_blocks, size), neighbours)
-    # A key index is in range when its neighbour block exists; zero-padded blocks have
-    # key_ok False already because jnp.pad fills booleans with False.
+    # Head-major blocks make both products plain batched matmuls over (B, N, C) with no
+    # transposes inside the block loop: (B, T, N, H) -> (B, N, C, Q, H); keys and values of
+    # each block's neighbourhood -> (B, N, C, K, H).
+    def head_major_blocks(x: Array) -> Array:
+        return x.transpose(0, 2, 1, 3).reshape(batch, num_heads, num_blocks, size, head_dim)
+
+    q = head_major_blocks(query)
+    k = _neighbour_blocks(head_major_blocks(key), neighbours, axis=2)
+    v = _neighbour_blocks(head_major_blocks(value), neighbours, axis=2)
+    # Zero-padded neighbour blocks have key_ok False because jnp.pad fills booleans with False.
+    k_ok = _neighbour_blocks(key_ok.reshape(batch, num_blocks, size), neighbours, axis=1)
     band = band_mask(size, neighbours, radius)
 
-    logits = jnp.einsum("BCQNH,BCKNH->BCNQK", q, k, preferred_element_type=jnp.float32)
-    mask = band[None, None, None] & k_ok[:, :, None, None, :]
+    logits = jnp.einsum("BNCQH,BNCKH->BNCQK", q, k, preferred_element_type=jnp.float32)
+    mask = band[None, None, None] & k_ok[:, None, :, None, :]
     logits = jnp.where(mask, logits, MASK_VALUE)
 
     if global_index is not None:
-        k_global = _take_rows(key, global_index)  # (B, G, N, H)
-        v_global = _take_rows(value, global_index)
-        global_logits = jnp.einsum(
-            "BCQNH,BGNH->BCNQG", q, k_global, preferred_element_type=jnp.float32
-        )
+        k_global = _take_rows(key, global_index).transpose(0, 2, 1, 3)  # (B, N, G, H)
+        v_global = _take_rows(value, global_index).transpose(0, 2, 1, 3)
+        global_logits = jnp.einsum("BNCQH,BNGH->BNCQG", q, k_global, preferred_element_type=jnp.float32)
         global_logits = jnp.where(global_valid[:, None, None, None, :], global_logits, MASK_VALUE)
         logits = jnp.concatenate([global_logits, logits], axis=-1)
 
@@ -181,11 +190,11 @@ def sliding_window_attention(
 
     if global_index is not None:
         num_global = global_index.shape[1]
-        out = jnp.einsum("BCNQG,BGNH->BCQNH", probs[..., :num_global], v_global)
-        out = out + jnp.einsum("BCNQK,BCKNH->BCQNH", probs[..., num_global:], v)
+        out = jnp.einsum("BNCQG,BNGH->BNCQH", probs[..., :num_global], v_global)
+        out = out + jnp.einsum("BNCQK,BNCKH->BNCQH", probs[..., num_global:], v)
     else:
-        out = jnp.einsum("BCNQK,BCKNH->BCQNH", probs, v)
-    out = out.reshape(batch, length, num_heads, head_dim)
+        out = jnp.einsum("BNCQK,BNCKH->BNCQH", probs, v)
+    out = out.reshape(batch, num_heads, length, head_dim).transpose(0, 2, 1, 3)
     return jnp.where(attention_mask[:, :, None, None], out, 0.0).astype(value.dtype)
 
 

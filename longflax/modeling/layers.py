@@ -6,6 +6,8 @@ rules map those names onto mesh axes, so model code never names a mesh axis.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -92,8 +94,19 @@ def activation(name: str):
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout; no-op when `rng` is None (evaluation) or the rate is 0."""
+    """Inverted dropout; no-op when `rng` is None (evaluation) or the rate is 0.
+
+    Each 32-bit random word decides four elements through its four bytes, so the rate is
+    rounded to a multiple of 1/256 (0.1 becomes 26/256 = 0.1016) and the survivors are scaled
+    by the exact keep probability. This draws a quarter of the random bits of
+    `jax.random.bernoulli`, which on a CPU made attention-probability dropout cost more than
+    the attention itself (measured 1.2 s against 0.4 s for 22 M elements).
+    """
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    threshold = min(255, max(1, round(rate * 256)))
+    size = math.prod(x.shape)
+    words = jax.random.bits(rng, ((size + 3) // 4,), jnp.uint32)
+    random_bytes = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:size].reshape(x.shape)
+    keep = random_bytes >= threshold
+    return jnp.where(keep, x / (1.0 - threshold / 256), 0.0).astype(x.dtype)
