@@ -21,6 +21,9 @@ from longflax.modeling.config import ModelConfig
 from longflax.modeling.layers import Dense, Embed, LayerNorm, activation, dropout
 from longflax.sharding import constrain
 
+# Long inputs are padded to a multiple of min(largest window, PAD_MULTIPLE) tokens.
+PAD_MULTIPLE = 128
+
 # Logical axes of the hidden states between layers.
 ACTIVATION_AXES = ("batch", "length", "embed")
 
@@ -337,12 +340,14 @@ class Encoder(nnx.Module):
         if use_global:
             is_global = (jnp.asarray(global_attention_mask) > 0) & (mask > 0)
 
-        # Long models pad to a multiple of the largest window, as the reference implementation
-        # does; the padding is masked and cut off again before returning.
+        # Long models pad to a multiple of the largest window, capped at PAD_MULTIPLE tokens:
+        # the blocked kernel needs only a block size that divides the length, and padding a
+        # 256-token input to a 512 window would double the work. The padding is masked and cut
+        # off again before returning.
         padded = length
         if config.attention == "longformer":
-            window = config.max_window
-            padded = -(-length // window) * window
+            multiple = min(config.max_window, PAD_MULTIPLE)
+            padded = -(-length // multiple) * multiple
         if padded != length:
             extra = ((0, 0), (0, padded - length))
             input_ids = jnp.pad(input_ids, extra, constant_values=config.pad_token_id)
