@@ -19,30 +19,8 @@ WikiText-103 comes from the Hugging Face hub (`pip install 'longflax[data]'`). T
 read the trained model from `runs/xlmr-long-mlm/mlm/model`.
 """
 
-from longflax.configuration import base_config, small_variant
+from longflax.configuration import long_mlm_config
 
 
 def get_config(argument: str = ""):
-    options = [option for option in argument.split(",") if option]
-    unknown = sorted(set(options) - {"small"})
-    if unknown:
-        raise ValueError(
-            f"Unknown config argument {unknown} in {argument!r}. The only option is 'small', "
-            "as in configs/xlmr_long_mlm.py:small."
-        )
-    config = base_config()
-    config.stages = ("convert", "mlm")
-    config.model.dtype = "bfloat16"
-    config.convert.source = "xlm-roberta-base"
-    config.convert.head = "mlm"
-    config.convert.max_length = 4096
-    config.convert.attention_window = 512
-    config.mlm.learning_rate = 3e-5
-    config.mlm.warmup_steps = 500
-    config.mlm.batch_size = 64
-    config.mlm.num_microbatches = 64
-    config.mlm.steps = 6000
-    config.mlm.eval_every = 500
-    if "small" in options:
-        small_variant(config)
-    return config
+    return long_mlm_config("xlm-roberta-base", argument, config_name="configs/xlmr_long_mlm.py")

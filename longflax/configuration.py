@@ -316,3 +316,33 @@ def _small_evaluate(config: ml_collections.ConfigDict) -> None:
             entry["max_length"] = min(entry["max_length"], _model_length(config))
         sets.append(entry)
     evaluate.sets = sets
+
+
+def long_mlm_config(source: str, argument: str = "", *, config_name: str) -> ml_collections.ConfigDict:
+    """Build the convert + masked-LM config shared by the RoBERTa-Long and XLM-R-Long experiments.
+
+    `argument` is the config-file argument: empty, or "small" for the small variant.
+    """
+    options = [option for option in argument.split(",") if option]
+    unknown = sorted(set(options) - {"small"})
+    if unknown:
+        raise ValueError(
+            f"Unknown config argument {unknown} in {argument!r}. The only option is 'small', "
+            f"as in {config_name}:small."
+        )
+    config = base_config()
+    config.stages = ("convert", "mlm")
+    config.model.dtype = "bfloat16"
+    config.convert.source = source
+    config.convert.head = "mlm"
+    config.convert.max_length = 4096
+    config.convert.attention_window = 512
+    config.mlm.learning_rate = 3e-5
+    config.mlm.warmup_steps = 500
+    config.mlm.batch_size = 64
+    config.mlm.num_microbatches = 64
+    config.mlm.steps = 6000
+    config.mlm.eval_every = 500
+    if "small" in options:
+        small_variant(config)
+    return config
