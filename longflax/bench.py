@@ -784,6 +784,7 @@ def run_benchmark(settings: BenchSettings, command: str = "") -> dict[str, Any]:
         "code_version": _code_version(),
         "settings": dataclasses.asdict(settings),
         "torch_threads": _core_count(),
+        "xla_flags": _child_environment()["XLA_FLAGS"],
         "memory_method": (
             "peak RSS of each variant x length subprocess (getrusage RUSAGE_SELF ru_maxrss) minus "
             "the peak RSS of a baseline subprocess that only imports the same libraries; the "
