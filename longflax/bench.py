@@ -889,7 +889,9 @@ def _ratios(results: list[dict[str, Any]], lengths: Sequence[int]) -> list[dict[
             full = index.get(("longflax-full", mode, length))
             if torch_run:
                 row["speedup_vs_pytorch"] = torch_run["median_s"] / long["median_s"]
-                row["memory_vs_pytorch"] = long["peak_rss_mib"] / torch_run["peak_rss_mib"]
+                # Tiny runs can peak below the import-only baseline, leaving 0 MiB.
+                if torch_run["peak_rss_mib"] > 0:
+                    row["memory_vs_pytorch"] = long["peak_rss_mib"] / torch_run["peak_rss_mib"]
             if full:
                 row["long_over_full_time"] = long["median_s"] / full["median_s"]
             rows.append(row)

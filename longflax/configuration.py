@@ -281,8 +281,9 @@ def _small_mlm(config: ml_collections.ConfigDict) -> None:
     mlm.layout = "paragraphs"
     # Batches of 8 split evenly over up to 8 devices (an 8-chip host, or 8 fake CPU devices).
     mlm.block_length = 128
-    mlm.batch_size = 8
     mlm.num_microbatches = 2 if mlm.num_microbatches > 1 else 1
+    # Eight rows per micro-batch, so each of up to 8 data-parallel devices gets one.
+    mlm.batch_size = 8 * mlm.num_microbatches
     mlm.steps = 30
     mlm.warmup_steps = 5
     mlm.learning_rate = 5e-4
@@ -297,8 +298,8 @@ def _small_qa(config: ml_collections.ConfigDict) -> None:
     qa.train_limit = 128
     qa.max_length = min(qa.max_length, _model_length(config))
     qa.max_question_tokens = min(qa.max_question_tokens, SMALL_MAX_GLOBAL_TOKENS - 8)
-    qa.batch_size = 8
     qa.num_microbatches = 2 if qa.num_microbatches > 1 else 1
+    qa.batch_size = 8 * qa.num_microbatches
     qa.steps = 20
     qa.learning_rate = 3e-4
 
