@@ -423,6 +423,10 @@ def export_state_dict(model, config: ModelConfig, head: str) -> dict[str, np.nda
     out: dict[str, np.ndarray] = {}
     for path, var in flat_params(model).items():
         inner = path[len("encoder/") :] if path.startswith("encoder/") else path
+        if inner.startswith("pooler/") and head != "none":
+            # The Hugging Face masked-LM and QA classes have no pooler, so exporting it would
+            # load as unexpected keys.
+            continue
         generic = re.sub(r"^layers/\d+/", "layers/{i}/", inner)
         canonical, transpose = reverse[generic]
         match = re.match(r"^layers/(\d+)/", inner)
