@@ -213,7 +213,7 @@ def model_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Mode
 
 
 def head_in_state_dict(state_dict: Mapping[str, np.ndarray]) -> str:
-    """Which head the checkpoint carries: "mlm", "qa" or "none"."""
+    """Return the head the checkpoint contains: "mlm", "qa" or "none"."""
     names = {canonical_name(k) for k in state_dict}
     if any(n.startswith("qa_outputs.") for n in names):
         return "qa"
@@ -364,7 +364,7 @@ HF_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRobe
 
 
 def hf_config_for_export(config: ModelConfig, head: str) -> dict[str, Any]:
-    """The `config.json` content for a Hugging Face export of this model.
+    """Build the `config.json` content for a Hugging Face export of this model.
 
     Long models export as `model_type: longformer`; full-attention models as their source
     family. Every field comes from the model, never from Hugging Face defaults (whose

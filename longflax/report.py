@@ -170,7 +170,7 @@ def write_report(workdir: str | os.PathLike) -> pathlib.Path:
         raise ValueError(f"{workdir} is not a run directory.")
     report = collect(workdir)
     if not report["stages"]:
-        raise ValueError(f"{workdir} holds no finished stage (no <stage>/done.json); run longflax.train first.")
+        raise ValueError(f"No finished stage found in {workdir} (no <stage>/done.json); run longflax.train first.")
     images = _plot(report, workdir)
     (workdir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (workdir / "report.md").write_text(render_markdown(report, images))

@@ -40,7 +40,7 @@ PREVIOUS_MODEL = {"mlm": ("convert",), "qa": ("mlm", "convert"), "evaluate": ("q
 
 
 class RunContext:
-    """What every stage needs: the config, the run directory and the device mesh."""
+    """Shared inputs of every stage: the config, the run directory and the device mesh."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh):
         self.config = config
@@ -129,7 +129,7 @@ def load_tokenizer(name: str):
 
 
 def scratch_model(context: RunContext, head: str) -> tuple[nnx.Module, Any]:
-    """A randomly initialised model with the `scratch` architecture and the run's tokenizer."""
+    """Build a randomly initialised model with the `scratch` architecture and the run's tokenizer."""
     tokenizer = _tokenizer(context, None)
     if tokenizer is None:
         raise ValueError('A model built from scratch needs config.tokenizer (for example "data:tokenizers/roberta-base").')
@@ -155,7 +155,7 @@ def _resume_source(context: RunContext, stage: str, trainer: Trainer) -> None:
         return
     manager = checkpointing.Checkpointer(resume_from, max_to_keep=1000)
     if manager.latest_step() is None:
-        raise ValueError(f"{stage}.resume_from={resume_from} holds no checkpoint.")
+        raise ValueError(f"{stage}.resume_from={resume_from}: no checkpoint found there; point it at a checkpoints directory.")
     trainer.state, _, metadata = manager.restore(target=trainer.abstract_state())
     manager.close()
     logging.info("Continuing from %s at step %s.", resume_from, metadata.get("step"))
@@ -488,7 +488,7 @@ def qa_loss_fn(model, batch, dropout_rng):
         batch["token_type_ids"],
         dropout_rng=dropout_rng,
     )
-    # Padding can never hold an answer; masking it keeps probability mass on real tokens.
+    # Padding is never part of a gold span, so masking it keeps probability mass on real tokens.
     valid = batch["attention_mask"] > 0
     start = jnp.where(valid, out.start_logits, -1e9)
     end = jnp.where(valid, out.end_logits, -1e9)
@@ -610,8 +610,8 @@ class QAPredictor:
         for begin in tqdm(range(0, count, self.batch_size), desc="evaluate", unit="batch", leave=False):
             batch = {k: v[begin : begin + self.batch_size] for k, v in arrays.items()}
             rows = batch["input_ids"].shape[0]
-            # The last batch is padded to the full batch size (one compiled shape) and the
-            # padding rows are dropped again; no feature is ever left out.
+            # The last batch is padded to the full batch size so one compiled shape serves every
+            # batch. The padding rows are dropped again, so no feature is left out.
             padded, _ = sharding.pad_batch(batch, self.batch_size)
             start, end = jax.device_get(self._forward(self.params, padded))
             starts.append(start[:rows])

@@ -350,7 +350,7 @@ class Trainer:
                     )
 
     def model(self) -> nnx.Module:
-        """The model with the current parameters, gathered to the host."""
+        """Return the model with the current parameters, gathered to the host."""
         cpu = jax.devices("cpu")[0]
         params = jax.tree.map(lambda x: jax.device_put(x, cpu), self.state["params"])
         return nnx.merge(self.graphdef, params)
