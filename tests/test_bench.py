@@ -238,7 +238,8 @@ def test_quick_run_writes_report(tmp_path, capsys):
         assert len(entry["times_s"]) == 2
         assert entry["median_s"] > 0
         assert entry["tokens_per_s"] == pytest.approx(entry["length"] / entry["median_s"])
-        assert entry["peak_rss_mib"] > 0
+        # A model this small can stay within the import-only baseline's peak, so zero is valid.
+        assert entry["peak_rss_mib"] >= 0
         if entry["variant"] == "pytorch":
             assert entry["compile_s"] is None
         else:
