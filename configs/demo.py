@@ -58,7 +58,7 @@ def get_config(variant: str = ""):
     config.mlm.layout = "paragraphs"
     config.mlm.block_length = 1024
     config.mlm.batch_size = 2
-    config.mlm.steps = 12
+    config.mlm.steps = 16
     config.mlm.warmup_steps = 5
     config.mlm.learning_rate = 5e-5
     config.mlm.eval_batch_size = 4
@@ -78,20 +78,20 @@ def get_config(variant: str = ""):
     short = {"max_length": 256, "doc_stride": 64}
     sets = [
         {"name": "squad-dev", "file": "data:squad/dev-v1.1.json", "rules": "squad", "language": "en", "limit": 500, **short},
-        {"name": "sq3-original-256", "file": "data:squad/dev-v1.1.json", "rules": "squad", "language": "en", "limit": 100,
+        {"name": "sq3-original-256", "file": "data:squad/dev-v1.1.json", "rules": "squad", "language": "en", "limit": 200,
          "concat": {"k": 3, "mode": "original"}, **short},
         # Three SQuAD paragraphs take about 450 tokens, so 1024 tokens read them whole.
-        {"name": "sq3-original-1024", "file": "data:squad/dev-v1.1.json", "rules": "squad", "language": "en", "limit": 100,
+        {"name": "sq3-original-1024", "file": "data:squad/dev-v1.1.json", "rules": "squad", "language": "en", "limit": 200,
          "concat": {"k": 3, "mode": "original"}, "max_length": 1024, "doc_stride": 256},
-        {"name": "sq3-shuffled-1024", "file": "data:squad/dev-v1.1.json", "rules": "squad", "language": "en", "limit": 150,
+        {"name": "sq3-shuffled-1024", "file": "data:squad/dev-v1.1.json", "rules": "squad", "language": "en", "limit": 300,
          "concat": {"k": 3, "mode": "shuffled", "gold_position": "random", "seed": 0}, "max_length": 1024, "doc_stride": 256},
     ]
     sets += [
-        {"name": f"xquad-{lang}", "file": f"data:xquad/xquad.{lang}.json", "rules": "squad", "language": lang, "limit": 40, **short}
+        {"name": f"xquad-{lang}", "file": f"data:xquad/xquad.{lang}.json", "rules": "squad", "language": lang, "limit": 100, **short}
         for lang in XQUAD_LANGUAGES
     ]
     sets += [
-        {"name": f"tydiqa-{lang}", "file": f"data:tydiqa-goldp/{lang}_tydiqa_dev.json", "rules": "squad", "language": lang, "limit": 30, **short}
+        {"name": f"tydiqa-{lang}", "file": f"data:tydiqa-goldp/{lang}_tydiqa_dev.json", "rules": "squad", "language": lang, "limit": 50, **short}
         for lang in TYDI_LANGUAGES
     ]
     config.evaluate.sets = sets
