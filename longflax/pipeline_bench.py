@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import pathlib
 import resource
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
