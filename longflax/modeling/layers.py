@@ -37,9 +37,12 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # Leading axes are merged into one: on XLA's CPU backend the backward pass of a
+        # projection over (B, T, D) measured about 3x slower than over (B * T, D).
         kernel = self.kernel[...].astype(self.dtype)
-        y = jnp.einsum("...D,DF->...F", x.astype(self.dtype), kernel)
-        return y + self.bias[...].astype(self.dtype)
+        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = rows @ kernel + self.bias[...].astype(self.dtype)
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 
 class Embed(nnx.Module):
@@ -74,11 +77,14 @@ class LayerNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(variance + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+        # As in Dense, a 2-D layout makes the backward pass's column sums fast on XLA's CPU
+        # backend (measured 10x faster than over (B, T, D)).
+        rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        mean = jnp.mean(rows, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(rows - mean), axis=-1, keepdims=True)
+        y = (rows - mean) * jax.lax.rsqrt(variance + self.eps)
+        y = y * self.scale[...] + self.bias[...]
+        return y.reshape(x.shape).astype(self.dtype)
 
 
 def activation(name: str):
