@@ -64,7 +64,13 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
 
     from longflax.bench import _code_version, _core_count, _machine_info, _versions
     from longflax.data.qa_features import prepare_qa_features
-    from longflax.stages import _feature_arrays, _FeatureBatches, load_examples, load_tokenizer
+    from longflax.stages import (
+        _feature_arrays,
+        _FeatureBatches,
+        load_examples,
+        load_tokenizer,
+        row_multiple,
+    )
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive number of rows, got {args.batch_size}.")
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
         lambda: prepare_qa_features(
             examples, tokenizer, max_length=args.max_length, doc_stride=args.doc_stride,
             max_question_tokens=args.max_question_tokens, training=True,
+            pad_to_multiple_of=row_multiple(args.max_length),
         ),
         steps,
     )
@@ -106,6 +113,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
         "max_question_tokens": args.max_question_tokens,
         "questions": len(examples),
         "features": len(features),
+        "row_length": int(np.asarray(features.input_ids).shape[1]),
         "mean_tokens_per_feature": round(float(lengths.mean()), 1),
         "steps": steps,
         "data_to_arrays_wall_s": round(total_wall, 2),
@@ -123,8 +131,9 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"{report['questions']} questions -> {report['features']} features of {report['max_length']} tokens "
-        f"(stride {report['doc_stride']}, {report['mean_tokens_per_feature']} real tokens per feature on average)",
+        f"{report['questions']} questions -> {report['features']} features of {report['row_length']} tokens "
+        f"(max_length {report['max_length']}, stride {report['doc_stride']}, "
+        f"{report['mean_tokens_per_feature']} real tokens per feature on average)",
         "",
         "| step | wall s | CPU s |",
         "|---|---:|---:|",

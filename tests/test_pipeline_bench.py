@@ -38,3 +38,17 @@ def test_missing_file_is_a_clear_error(tmp_path, capsys):
     code = pipeline_bench.main(["--data", str(tmp_path / "absent.json"), "--tokenizer", str(tmp_path)])
     assert code == 2
     assert "absent.json" in capsys.readouterr().err
+
+
+def test_rows_pad_to_longest_not_max_length(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGFLAX_DATA_DIR", str(data_dir))
+    out = tmp_path / "pipeline.json"
+    code = pipeline_bench.main([
+        "--data", "data:squad/dev-v1.1.json", "--limit", "20", "--max-length", "4096",
+        "--doc-stride", "0", "--batch-size", "4", "--json", str(out),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["row_length"] < 4096
+    assert report["row_length"] % 128 == 0
+    assert report["row_length"] >= report["mean_tokens_per_feature"]

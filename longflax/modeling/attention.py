@@ -49,15 +49,15 @@ def _attend(logits: Array, values: Array, keep_scale: Array | None) -> Array:
 
 def _attend_forward(logits, values, keep_scale):
     probs = _softmax_fp32(logits)
-    kept = probs if keep_scale is None else probs * keep_scale
-    out = jnp.einsum("...QK,...KH->...QH", kept.astype(values.dtype), values)
+    kept_probs = probs if keep_scale is None else probs * keep_scale
+    out = jnp.einsum("...QK,...KH->...QH", kept_probs.astype(values.dtype), values)
     return out, (probs, values, keep_scale, out)
 
 
 def _attend_backward(residuals, out_grad):
     probs, values, keep_scale, out = residuals
-    kept = probs if keep_scale is None else probs * keep_scale
-    values_grad = jnp.einsum("...QK,...QH->...KH", kept.astype(values.dtype), out_grad.astype(values.dtype))
+    kept_probs = probs if keep_scale is None else probs * keep_scale
+    values_grad = jnp.einsum("...QK,...QH->...KH", kept_probs.astype(values.dtype), out_grad.astype(values.dtype))
     probs_grad = jnp.einsum("...QH,...KH->...QK", out_grad, values, preferred_element_type=jnp.float32)
     if keep_scale is not None:
         probs_grad = probs_grad * keep_scale
@@ -228,7 +228,7 @@ def sliding_window_attention(
         global_logits = jnp.einsum("BNCQH,BNGH->BNCQG", q, k_global, preferred_element_type=jnp.float32)
         global_logits = jnp.where(global_valid[:, None, None, None, :], global_logits, MASK_VALUE)
         logits = jnp.concatenate([global_logits, logits], axis=-1)
-        # Every block sees the same global values, placed before its band values.
+        # Every block attends to the same global values, which come before its band values.
         v_global = jnp.broadcast_to(v_global[:, :, None], (batch, num_heads, num_blocks) + v_global.shape[2:])
         v = jnp.concatenate([v_global, v], axis=3)
 
