@@ -503,9 +503,9 @@ def row_multiple(max_length: int) -> int:
     """Return the multiple that QA feature rows are padded to.
 
     Rows are padded to the longest row of the set, rounded up to this multiple, instead of to
-    `max_length`. Padding never changes the outputs, and single SQuAD paragraphs read with
-    `max_length=4096` fill a fraction of it: the 87,599 training questions average 173 real
-    tokens, and padding them all to 4096 took 14.3 GiB of host memory.
+    `max_length`. Padding does not change the outputs. Single SQuAD paragraphs fill a fraction
+    of `max_length=4096`: the 87,599 training questions average 173 real tokens, and padding
+    them all to 4096 took 14.3 GiB of host memory.
     """
     return math.gcd(max_length, PAD_MULTIPLE)
 
