@@ -105,6 +105,7 @@ def _plot(report: dict[str, Any], workdir: pathlib.Path) -> list[str]:
         for name, groups in positions.items():
             keys = sorted(groups, key=lambda g: int(g))
             ax.plot([int(k) for k in keys], [groups[k]["f1"] for k in keys], marker="o", label=name)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("position of the gold context (0 = first)")
         ax.set_ylabel("F1 (%)")
         ax.legend(fontsize=8)
