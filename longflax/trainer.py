@@ -268,86 +268,89 @@ class Trainer:
             max_to_keep=settings.keep_checkpoints,
             keep_every_n_steps=settings.keep_every_n_steps,
         )
-        data_state = self.restore(manager)
-        if data_state:
-            batches.restore(data_state["batches"])
-        step = int(self.state["step"])
-        if step == 0:
-            log_parameter_overview(self.state["params"])
+        # The guard is installed before the restore and the prefetch thread start, so a SIGTERM
+        # that arrives during either, or during the first compile, is handled after the next step
+        # instead of killing the process with Python's default handler.
+        with checkpointing.PreemptionGuard() as guard:
+            data_state = self.restore(manager)
+            if data_state:
+                batches.restore(data_state["batches"])
+            step = int(self.state["step"])
+            if step == 0:
+                log_parameter_overview(self.state["params"])
 
-        prefetch = Prefetcher(batches, lambda b: jax.device_put(dict(b), self.batch_sharding))
-        try:
-            self._loop(prefetch, manager, writer, evaluate, tokens_per_batch, step)
-        finally:
-            prefetch.close()
+            prefetch = Prefetcher(batches, lambda b: jax.device_put(dict(b), self.batch_sharding))
+            try:
+                self._loop(prefetch, manager, writer, evaluate, tokens_per_batch, step, guard)
+            finally:
+                prefetch.close()
         manager.wait()
         manager.close()
         writer.close()
         return self.model()
 
-    def _loop(self, prefetch, manager, writer, evaluate, tokens_per_batch, step: int) -> None:
+    def _loop(self, prefetch, manager, writer, evaluate, tokens_per_batch, step: int, guard) -> None:
         """Run steps until `total_steps`, logging, evaluating and saving on the way."""
         settings = self.settings
         timer_start, timer_steps, timer_tokens = time.perf_counter(), 0, 0
         last_good = step
-        with checkpointing.PreemptionGuard() as guard:
-            while step < settings.total_steps:
-                host_batch, batch = next(prefetch)
-                if self._step_fn is None:
-                    self._step_fn = self._build_step(host_batch)
-                    compile_start = time.perf_counter()
-                    self.state, metrics = self._step_fn(self.state, batch)
-                    jax.block_until_ready(metrics["loss"])
-                    logging.info("First step (compile and run) took %.1f s.", time.perf_counter() - compile_start)
-                    writer.write(step + 1, {"perf/first_step_seconds": time.perf_counter() - compile_start}, log=False)
-                    timer_start = time.perf_counter()
-                else:
-                    self.state, metrics = self._step_fn(self.state, batch)
-                    timer_steps += 1
-                    timer_tokens += tokens_per_batch(host_batch)
-                step += 1
+        while step < settings.total_steps:
+            host_batch, batch = next(prefetch)
+            if self._step_fn is None:
+                self._step_fn = self._build_step(host_batch)
+                compile_start = time.perf_counter()
+                self.state, metrics = self._step_fn(self.state, batch)
+                jax.block_until_ready(metrics["loss"])
+                logging.info("First step (compile and run) took %.1f s.", time.perf_counter() - compile_start)
+                writer.write(step + 1, {"perf/first_step_seconds": time.perf_counter() - compile_start}, log=False)
+                timer_start = time.perf_counter()
+            else:
+                self.state, metrics = self._step_fn(self.state, batch)
+                timer_steps += 1
+                timer_tokens += tokens_per_batch(host_batch)
+            step += 1
 
-                if step % settings.log_every == 0 or step == settings.total_steps or step <= 3:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not math.isfinite(values["loss"]):
-                        manager.close()
-                        writer.close()
-                        raise RuntimeError(
-                            f"The training loss is {values['loss']} at step {step}; stopping. The last "
-                            f"good checkpoint is step {manager.latest_step()} in {manager.directory} "
-                            f"(last finite loss seen at step {last_good}). Lower the learning rate or "
-                            "check the data."
-                        )
-                    last_good = step
-                    elapsed = time.perf_counter() - timer_start
-                    record = {f"train/{k}": v for k, v in values.items()}
-                    if timer_steps and elapsed > 0:
-                        rate = timer_steps / elapsed
-                        record["perf/steps_per_second"] = rate
-                        record["perf/tokens_per_second"] = timer_tokens / elapsed
-                        record["perf/eta_seconds"] = (settings.total_steps - step) / rate
-                    writer.write(step, record)
-
-                if settings.eval_every and evaluate is not None and step % settings.eval_every == 0 and step < settings.total_steps:
-                    writer.write(step, {f"eval/{k}": v for k, v in evaluate(self.model(), step).items()})
-
-                must_save = step % settings.checkpoint_every == 0 or step == settings.total_steps
-                if must_save or guard.should_stop:
-                    manager.save(
-                        step,
-                        self.state,
-                        data_state={"batches": prefetch.state()},
-                        metadata={"step": step},
-                        force=guard.should_stop,
-                    )
-                if guard.should_stop:
-                    manager.wait()
+            if step % settings.log_every == 0 or step == settings.total_steps or step <= 3:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(values["loss"]):
                     manager.close()
                     writer.close()
-                    raise SystemExit(
-                        f"Received {guard.received_signal}; saved step {step} to {manager.directory}. "
-                        "Run the same command again to resume."
+                    raise RuntimeError(
+                        f"The training loss is {values['loss']} at step {step}; stopping. The last "
+                        f"good checkpoint is step {manager.latest_step()} in {manager.directory} "
+                        f"(last finite loss seen at step {last_good}). Lower the learning rate or "
+                        "check the data."
                     )
+                last_good = step
+                elapsed = time.perf_counter() - timer_start
+                record = {f"train/{k}": v for k, v in values.items()}
+                if timer_steps and elapsed > 0:
+                    rate = timer_steps / elapsed
+                    record["perf/steps_per_second"] = rate
+                    record["perf/tokens_per_second"] = timer_tokens / elapsed
+                    record["perf/eta_seconds"] = (settings.total_steps - step) / rate
+                writer.write(step, record)
+
+            if settings.eval_every and evaluate is not None and step % settings.eval_every == 0 and step < settings.total_steps:
+                writer.write(step, {f"eval/{k}": v for k, v in evaluate(self.model(), step).items()})
+
+            must_save = step % settings.checkpoint_every == 0 or step == settings.total_steps
+            if must_save or guard.should_stop:
+                manager.save(
+                    step,
+                    self.state,
+                    data_state={"batches": prefetch.state()},
+                    metadata={"step": step},
+                    force=guard.should_stop,
+                )
+            if guard.should_stop:
+                manager.wait()
+                manager.close()
+                writer.close()
+                raise SystemExit(
+                    f"Received {guard.received_signal}; saved step {step} to {manager.directory}. "
+                    "Run the same command again to resume."
+                )
 
     def model(self) -> nnx.Module:
         """Return the model with the current parameters, gathered to the host."""

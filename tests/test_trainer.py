@@ -116,6 +116,14 @@ def test_interrupted_run_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
 
 
+def test_sigterm_while_prefetching_first_batch_saves(tmp_path):
+    # The prefetch thread reads the first batch before the first step is compiled, so the
+    # signal arrives while the process is still starting up.
+    with pytest.raises(SystemExit, match="saved step 1"):
+        _trainer(tmp_path).run(CountingBatches(sigterm_at=0))
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
 def test_resume_on_other_device_count(tmp_path):
     mesh_shape = {"data": 2, "tensor": 4}
     reference = _params(
