@@ -1030,8 +1030,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = render_markdown(report)
     print(markdown)
     if args.json:
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
+        pathlib.Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.markdown).write_text(markdown)
     return 0
 

@@ -538,6 +538,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.rules == "mlqa" and args.language not in _MLQA_ARTICLES:
+        parser.error(
+            f"--rules mlqa needs --language set to one of {', '.join(MLQA_LANGUAGES)} "
+            f"(got {args.language}); for other languages use --rules squad."
+        )
     try:
         result = _evaluate_files(args)
     except ValueError as exc:

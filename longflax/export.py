@@ -23,9 +23,8 @@ from longflax import hf_weights, model_io
 def export_model(model, output: str | pathlib.Path, *, head: str, tokenizer=None) -> pathlib.Path:
     """Write config.json, model.safetensors and the tokenizer for the given head.
 
-    NOTE: with head "none", a model without a pooler (RoBERTa and XLM-R masked-LM sources)
-    loads cleanly only with `AutoModel.from_pretrained(dir, add_pooling_layer=False)`;
-    without that argument transformers builds a pooler and reports it as newly initialised.
+    With head "none", a model without a pooler (masked-LM and QA models) is written with a newly
+    initialised pooler, because transformers' `AutoModel` always builds one.
     """
     from safetensors.numpy import save_file
 

@@ -458,4 +458,13 @@ def export_state_dict(model, config: ModelConfig, head: str) -> dict[str, np.nda
         else:
             out["lm_head.decoder.weight"] = words.copy()
             out["lm_head.decoder.bias"] = out["lm_head.bias"].copy()
+    if head == "none" and "pooler.dense.weight" not in out:
+        # transformers' AutoModel always builds a pooler. A model without one (masked-LM and QA
+        # sources) gets a newly initialised pooler here, drawn the way transformers initialises
+        # it, so the export loads with no missing keys. No longflax head reads the pooler.
+        logging.info("Exporting a newly initialised pooler: the model has none.")
+        hidden = config.hidden_size
+        rng = np.random.default_rng(0)
+        out["pooler.dense.weight"] = (rng.standard_normal((hidden, hidden)) * config.initializer_range).astype(np.float32)
+        out["pooler.dense.bias"] = np.zeros((hidden,), np.float32)
     return out

@@ -158,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(render_markdown(report))
     if args.json:
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -88,7 +88,14 @@ def initial_model(context: RunContext, stage: str, head: str) -> tuple[nnx.Modul
     if init_from == "scratch":
         return (*scratch_model(context, head), "scratch")
     if init_from:
-        model, tokenizer = model_io.load(init_from, head=head)
+        try:
+            model, tokenizer = model_io.load(init_from, head=head)
+        except ValueError as error:
+            raise ValueError(
+                f"{stage}.init_from={init_from!r} could not be loaded: {error} If it names the output of "
+                "another run (for example runs/<model>-mlm/mlm/model from configs/xlmr_long_mlm.py), run "
+                f"that config first, or pass --config.{stage}.init_from=DIR."
+            ) from error
         return model, tokenizer or _tokenizer(context, None), init_from
     for previous in PREVIOUS_MODEL.get(stage, ()):
         directory = _model_dir_of_stage(context, previous)
@@ -122,7 +129,9 @@ def load_tokenizer(name: str):
         from longflax.data.squad import resolve_data_file
 
         name = str(resolve_data_file(name[len("data:") :] + "/vocab.json").parent)
-    path = pathlib.Path(name)
+    path = pathlib.Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) and not path.is_dir():
+        raise ValueError(f"Tokenizer directory {name} not found; give a tokenizer directory, a data: path or a hub id.")
     if path.is_dir() and (path / "vocab.json").exists() and not (path / "tokenizer_config.json").exists():
         return RobertaTokenizerFast.from_pretrained(str(path))
     return AutoTokenizer.from_pretrained(resolve_path(name))
@@ -389,6 +398,10 @@ def run_mlm(context: RunContext) -> dict[str, Any]:
     logging.info("mlm: starting from %s, blocks of %d tokens.", source, block_length)
     train_blocks = _load_blocks(context, c.train_files, tokenizer, block_length)
     eval_blocks = _load_blocks(context, c.eval_files, tokenizer, block_length) if c.eval_files else None
+    # The jitted steps cannot check token ids, and XLA clamps out-of-range lookups silently.
+    for blocks in (train_blocks, eval_blocks):
+        if blocks is not None:
+            validate_inputs(model.config, blocks.input_ids, blocks.attention_mask)
     max_predictions = c.max_predictions or default_max_predictions(block_length, c.mask_probability)
 
     def evaluate(m, step=None):
@@ -518,8 +531,14 @@ def _feature_arrays(features, *, training: bool) -> dict[str, np.ndarray]:
 
 
 def _check_global_budget(model_config: ModelConfig, arrays: Mapping[str, np.ndarray]) -> None:
+    # Every row is checked here because the jitted steps cannot check token ids, and XLA clamps
+    # out-of-range lookups silently.
+    validate_inputs(
+        model_config, arrays["input_ids"], arrays["attention_mask"],
+        arrays["global_attention_mask"] if model_config.attention == "longformer" else None,
+        arrays["token_type_ids"],
+    )
     if model_config.attention == "longformer":
-        validate_inputs(model_config, arrays["input_ids"][:1], arrays["attention_mask"][:1], None)
         most = int((arrays["global_attention_mask"] * arrays["attention_mask"]).sum(axis=1).max())
         if most > model_config.max_global_tokens:
             raise ValueError(

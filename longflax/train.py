@@ -44,6 +44,14 @@ def run(config, workdir: str | os.PathLike) -> dict:
         if context.is_done(stage):
             logging.info("Stage %s is already done in %s; skipping it.", stage, workdir / stage)
             print(f"[{stage}] already done, skipping", flush=True)
+            changed = _changed_settings(config, workdir / stage / "config.json", stage)
+            if changed:
+                message = (
+                    f"[{stage}] warning: the finished stage ran with other settings ({', '.join(changed)}); "
+                    "they are not applied. Use a new --workdir to run the stage with the current config."
+                )
+                logging.warning("%s", message)
+                print(message, flush=True)
             summaries[stage] = json.loads((workdir / stage / "done.json").read_text())
             continue
         print(f"[{stage}] starting", flush=True)
@@ -54,6 +62,26 @@ def run(config, workdir: str | os.PathLike) -> dict:
         summaries[stage] = summary
         print(f"[{stage}] done in {summary['seconds']:.0f} s", flush=True)
     return summaries
+
+
+def _changed_settings(config, saved_path: pathlib.Path, stage: str) -> list[str]:
+    """Return the dotted keys of `stage` and `seed` whose values differ from the saved config."""
+    if not saved_path.exists():
+        return []
+    saved = json.loads(saved_path.read_text())
+    current = json.loads(config.to_json_best_effort())
+
+    def flatten(value, prefix: str) -> dict:
+        if isinstance(value, dict):
+            items = {}
+            for key, inner in value.items():
+                items.update(flatten(inner, f"{prefix}.{key}"))
+            return items
+        return {prefix: value}
+
+    before = {**flatten(saved.get(stage, {}), stage), "seed": saved.get("seed")}
+    after = {**flatten(current.get(stage, {}), stage), "seed": current.get("seed")}
+    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
 
 
 class _QuietLibraries:
@@ -77,9 +105,32 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _innermost_message(error: BaseException) -> str:
+    """Return the text of an error whose first argument may itself be an error (ml_collections)."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
+        return f"unknown config key {error.args[0]}"
+    return str(error)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """Parse the command line; a bad config file or override exits with one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, ImportError, OSError) as error:
+        print(
+            f"error: invalid --config or override ({type(error).__name__}): {_innermost_message(error)}\n"
+            "Usage: python -m longflax.train --config configs/<name>.py[:ARGUMENT] --workdir DIR "
+            "[--config.KEY=VALUE ...]; the config file's docstring lists its arguments.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def entry_point() -> None:
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

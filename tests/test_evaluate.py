@@ -359,9 +359,12 @@ def test_cli_missing_data_file(tmp_path, cli_files, capsys):
 
 def test_cli_mlqa_needs_language(cli_files, capsys):
     data, run1, _ = cli_files
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--data", str(data), "--predictions", str(run1), "--rules", "mlqa"])
-    assert "MLQA rules need a supported language; got None" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "--rules mlqa needs --language set to one of" in message
+    assert "(got None); for other languages use --rules squad" in message
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,3 +384,16 @@ def test_gold_answers_score_100_on_mlqa_de(data_dir):
     predictions = {example.id: example.answers[0].text for example in examples}
     result = evaluate.score(examples, predictions, rules="mlqa", language="de")
     assert result == {"exact_match": 100.0, "f1": 100.0}
+
+
+
+@pytest.mark.data
+def test_cli_reads_data_path(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LONGFLAX_DATA_DIR", str(data_dir))
+    examples = load_squad(data_dir / "xquad" / "xquad.de.json")
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({example.id: example.answers[0].text for example in examples}))
+    assert evaluate.main(["--data", "data:xquad/xquad.de.json", "--predictions", str(predictions)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["exact_match"] == 100.0
+    assert result["num_questions"] == len(examples)

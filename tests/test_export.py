@@ -111,8 +111,8 @@ def test_question_answering_export_matches(long_models, tmp_path):
 def test_encoder_export_matches(long_models, tmp_path):
     model = long_models["mlm"]
     export.export_model(model, tmp_path, head="none")
-    # The source has no pooler, so the Hugging Face model is built without one.
-    reference = load_with_info(transformers.AutoModel, tmp_path, add_pooling_layer=False)
+    # The source has no pooler: the export adds a newly initialised one for AutoModel.
+    reference = load_with_info(transformers.AutoModel, tmp_path)
     ids, mask, flags = global_input()
 
     ours = forward(model, input_ids=ids, attention_mask=mask, global_attention_mask=flags)
@@ -181,9 +181,7 @@ def test_full_attention_export_loads_as_source_family(xlmr_directory, tmp_path):
     theirs = torch_outputs(masked_lm, input_ids=ids, attention_mask=mask)
     np.testing.assert_allclose(np.asarray(ours.logits), theirs.logits.numpy(), atol=ATOL)
 
-    encoder = load_with_info(
-        transformers.XLMRobertaModel, tmp_path / "none", add_pooling_layer=False
-    )
+    encoder = load_with_info(transformers.XLMRobertaModel, tmp_path / "none")
     theirs = torch_outputs(encoder, input_ids=ids, attention_mask=mask)
     np.testing.assert_allclose(
         np.asarray(ours.last_hidden_state), theirs.last_hidden_state.numpy(), atol=ATOL
@@ -266,7 +264,7 @@ def test_cli_exports_encoder_only(saved_long_model, tmp_path, capsys):
     )
     assert status == 0
     assert "model_type:  longformer (LongformerModel)" in capsys.readouterr().out
-    load_with_info(transformers.AutoModel, tmp_path / "hf", add_pooling_layer=False)
+    load_with_info(transformers.AutoModel, tmp_path / "hf")
 
 
 def test_cli_path_without_model(tmp_path, capsys):

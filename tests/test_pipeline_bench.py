@@ -52,3 +52,18 @@ def test_rows_pad_to_longest_not_max_length(data_dir, tmp_path, monkeypatch):
     assert report["row_length"] < 4096
     assert report["row_length"] % 128 == 0
     assert report["row_length"] >= report["mean_tokens_per_feature"]
+
+
+def test_json_into_new_folder_is_written(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGFLAX_DATA_DIR", str(data_dir))
+    out = tmp_path / "new" / "folder" / "pipeline.json"
+    assert pipeline_bench.main(["--data", "data:squad/dev-v1.1.json", "--limit", "5", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["questions"] == 5
+
+
+def test_missing_tokenizer_directory_named(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LONGFLAX_DATA_DIR", str(data_dir))
+    missing = tmp_path / "no-tokenizer"
+    code = pipeline_bench.main(["--data", "data:squad/dev-v1.1.json", "--limit", "5", "--tokenizer", str(missing)])
+    assert code == 2
+    assert f"Tokenizer directory {missing} not found" in capsys.readouterr().err

@@ -61,6 +61,14 @@ def test_whole_chain_then_resume(data_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     for stage in summaries:
         assert f"[{stage}] already done, skipping" in printed
+    assert "warning" not in printed
+
+    changed = _tiny_config()
+    changed.mlm.steps = 6
+    train.run(changed, tmp_path)
+    printed = capsys.readouterr().out
+    assert "[mlm] warning: the finished stage ran with other settings (mlm.steps); they are not applied." in printed
+    assert "[qa] warning" not in printed
 
 
 def test_stage_without_starting_model_is_rejected(data_dir, tmp_path):
@@ -102,5 +110,34 @@ def test_misspelt_override_is_an_error(tmp_path):
         text=True,
         timeout=300,
     )
-    assert result.returncode != 0
-    assert "stepz" in result.stderr
+    assert result.returncode == 2
+    assert "error: invalid --config or override (AttributeError): unknown config key 'stepz'" in result.stderr
+    assert 'Did you mean "steps"' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("attention", ["longformer", "full"])
+def test_feature_ids_outside_vocabulary_rejected(attention):
+    import numpy as np
+
+    from longflax import stages
+    from longflax.modeling import ModelConfig
+
+    config = ModelConfig(
+        vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=48, max_position_embeddings=66,
+        attention=attention, attention_window=8, max_global_tokens=4,
+    )
+    arrays = {name: np.zeros((3, 16), np.int32) for name in ("input_ids", "attention_mask", "global_attention_mask", "token_type_ids")}
+    arrays["attention_mask"][:] = 1
+    # The bad id sits in the last row: a check of the first row alone would miss it.
+    arrays["input_ids"][2, 5] = 70
+    with pytest.raises(ValueError, match=r"input_ids contain 70, outside the vocabulary \[0, 64\)"):
+        stages._check_global_budget(config, arrays)
+
+
+def test_missing_init_from_names_the_field(data_dir, tmp_path):
+    config = _tiny_config()
+    config.stages = ("qa",)
+    config.qa.init_from = str(tmp_path / "runs" / "xlmr-long-mlm" / "mlm" / "model")
+    with pytest.raises(ValueError, match=r"qa.init_from='.*/mlm/model' could not be loaded: .* run that config first, or pass --config.qa.init_from=DIR"):
+        train.run(config, tmp_path / "run")

@@ -174,7 +174,8 @@ def load_squad_with_report(
     `num_unanswerable`.
 
     Args:
-        source: Path of a `.json` or `.json.gz` SQuAD file, `hf:NAME[:CONFIG]:SPLIT` for a
+        source: Path of a `.json` or `.json.gz` SQuAD file, `data:RELATIVE/PATH` for a file
+            under $LONGFLAX_DATA_DIR (see `resolve_data_file`), `hf:NAME[:CONFIG]:SPLIT` for a
             Hugging Face dataset, or `tfds:NAME:SPLIT` for a TensorFlow Datasets dataset.
         on_invalid: "error" raises on the first load that finds invalid questions; "skip"
             drops them and logs their counts.
@@ -201,6 +202,8 @@ def load_squad_with_report(
         raw = _iter_hf_rows(source_name)
     elif source_name.startswith("tfds:"):
         raw = _iter_tfds_rows(source_name)
+    elif source_name.startswith("data:"):
+        raw = _iter_file_rows(resolve_data_file(source_name[len("data:") :]))
     else:
         raw = _iter_file_rows(pathlib.Path(source_name))
 
@@ -331,8 +334,8 @@ def _read_json(path: pathlib.Path) -> Any:
     """Read a JSON file, decompressing it when the name ends in .gz."""
     if not path.is_file():
         raise ValueError(
-            f"Data file not found: {path}. Pass the path of an existing SQuAD JSON file, or "
-            "use resolve_data_file() to find it under $LONGFLAX_DATA_DIR."
+            f"Data file not found: {path}. Pass the path of an existing SQuAD JSON file, or a "
+            "data: path such as data:squad/dev-v1.1.json to read it from $LONGFLAX_DATA_DIR."
         )
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
