@@ -268,9 +268,8 @@ class Trainer:
             max_to_keep=settings.keep_checkpoints,
             keep_every_n_steps=settings.keep_every_n_steps,
         )
-        # The guard is installed before the restore and the prefetch thread start, so a SIGTERM
-        # that arrives during either, or during the first compile, is handled after the next step
-        # instead of killing the process with Python's default handler.
+        # Installed before the restore and the prefetch thread, so a SIGTERM during start-up or
+        # the first compile is handled after the next step instead of killing the process.
         with checkpointing.PreemptionGuard() as guard:
             data_state = self.restore(manager)
             if data_state:
