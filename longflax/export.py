@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     if directory is None:
         print(
             f"error: no longflax model found at {args.checkpoint} (looked for {model_io.MODEL_FILE} "
-            "there, in model/ and in the stage directories of a run).",
+            "there, in model/ and in the stage directories of a run). Orbax training checkpoints "
+            "(<stage>/checkpoints/<step>) hold optimizer state, not an exportable model: pass the "
+            "stage directory, whose model/ folder holds the final weights.",
             file=sys.stderr,
         )
         return 2

@@ -270,7 +270,9 @@ def test_cli_exports_encoder_only(saved_long_model, tmp_path, capsys):
 def test_cli_path_without_model(tmp_path, capsys):
     status = export.main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "hf")])
     assert status == 2
-    assert f"error: no longflax model found at {tmp_path}" in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert f"error: no longflax model found at {tmp_path}" in message
+    assert "pass the stage directory, whose model/ folder holds the final weights" in message
     assert not (tmp_path / "hf").exists()
 
 
