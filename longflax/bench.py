@@ -7,10 +7,10 @@
 For every sequence length it times a training step (forward and backward of the scalar loss
 mean(last_hidden_state ** 2)) and a forward pass of three variants with the same model shape:
 
-  longflax-long  longflax with Longformer sliding-window attention, under `jax.jit`;
-  longflax-full  longflax with full softmax attention, under `jax.jit`;
+  longflax-long  longflax with Longformer sliding-window attention, under `jax.jit`.
+  longflax-full  longflax with full softmax attention, under `jax.jit`.
   pytorch        transformers' `LongformerModel`, loaded from an export of the longflax-long
-                 model, so both run the same weights (checked by comparing their outputs).
+                 model. Both run the same weights, checked by comparing their outputs.
 
 Batch 1, float32, dropout off. Each variant x length runs in its own subprocess, which first
 runs the forward pass and then the training step. Peak memory is the subprocess's maximum
